@@ -1,0 +1,74 @@
+"""Command line: `python -m lib_lora generate --prompt "a red circle"` (see `--help`)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .demo.tiny import DEFAULT_CHECKPOINT
+from .models.samplers import SAMPLERS
+
+
+def _generate(args) -> None:
+    import torch
+
+    from .models.checkpoint import load_checkpoint
+    from .models.pipeline import GenerationParams, generate
+
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    default_size = 64 if checkpoint == DEFAULT_CHECKPOINT else 512
+    params = GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        width=args.width or default_size,
+        height=args.height or default_size,
+        sampler=args.sampler,
+        batch_size=args.batch_size,
+        clip_skip=args.clip_skip,
+    )
+    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    with tqdm(total=params.steps, desc="sampling", unit="step") as bar:
+        images = generate(ckpt, params, callback=lambda step, total: bar.update(1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
+        image.save(path)
+        print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_lora", description="Train and apply LoRA/LoCon for Stable Diffusion 1.x.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="text to image with a checkpoint (default: the embedded tiny model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--checkpoint", type=Path, help=f"a .safetensors or .ckpt SD1 file (default: {DEFAULT_CHECKPOINT.name})")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--width", type=int, help="pixels; default 64 for the embedded model, else 512")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--sampler", choices=SAMPLERS, default="euler")
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--clip-skip", type=int, default=1)
+    gen.add_argument("--out", type=Path, default=Path("out/generate.png"))
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:  # our error types are ValueErrors with a message meant for the user
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

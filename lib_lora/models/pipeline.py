@@ -1,0 +1,92 @@
+"""Text-to-image with a loaded checkpoint: prompt -> CLIP context -> sampler -> VAE -> PIL images."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import Checkpoint
+from .samplers import CFGDenoiser, initial_latents, sample_euler, sigmas_for
+from .schedule import NoiseSchedule, sd_alphas_cumprod
+from .tokenizer import apply_emphasis, tokenize_batch
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    sampler: str = "euler"
+    batch_size: int = 1
+    clip_skip: int = 1
+
+
+def encode_prompts(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    """Prompts -> context [B, n_chunks * 77, width], chunked and emphasis-weighted as the webui does.
+
+    The webui rescales each chunk position over the whole batch of prompts it encodes together,
+    so callers encode positive and negative prompts in separate calls, as it does.
+    """
+    chunks = tokenize_batch(prompts)
+    device = next(ckpt.text_encoder.parameters()).device
+    b, n, t = chunks.tokens.shape
+    z = ckpt.text_encoder(chunks.tokens.to(device), clip_skip).reshape(b, n, t, -1)
+    weights = chunks.weights.to(device)
+    z = torch.stack([apply_emphasis(z[:, i], weights[:, i]) for i in range(n)], dim=1)
+    return z.reshape(b, n * t, -1)
+
+
+def latent_shape(ckpt: Checkpoint, width: int, height: int) -> tuple[int, int, int]:
+    """[C, h, w] of the latents for an image size, or a clear error if the size does not fit the model."""
+    vae_factor = ckpt.vae.config.downsampling_factor
+    multiple = vae_factor * ckpt.unet.downsampling_factor
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{name} {value} is not a positive multiple of {multiple} px, which this model needs")
+    return ckpt.unet.config.in_channels, height // vae_factor, width // vae_factor
+
+
+def seeded_noise(seed: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """One CPU generator per image (seed, seed+1, ...) as the webui does, so a batch reproduces singles."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+
+
+def latents_to_images(latents_decoded: torch.Tensor) -> list[Image.Image]:
+    pixels = ((latents_decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
+
+
+def pad_with_empty(ckpt: Checkpoint, z: torch.Tensor, length: int, clip_skip: int = 1) -> torch.Tensor:
+    """Lengthen a context to `length` tokens with encoded empty chunks, as the webui's pad_cond_uncond does."""
+    if z.shape[1] >= length:
+        return z
+    empty = encode_prompts(ckpt, [""] * z.shape[0], clip_skip).to(z.dtype)
+    return torch.cat([z] + [empty] * ((length - z.shape[1]) // empty.shape[1]), dim=1)
+
+
+def schedule_for(ckpt: Checkpoint) -> NoiseSchedule:
+    return NoiseSchedule(sd_alphas_cumprod(), ckpt.parameterization)
+
+
+@torch.no_grad()
+def generate(ckpt: Checkpoint, params: GenerationParams, callback: Callable | None = None) -> list[Image.Image]:
+    """Sample `batch_size` images; the same params and seed give the same pixels on CPU."""
+    shape = latent_shape(ckpt, params.width, params.height)
+    unet_param = next(ckpt.unet.parameters())
+    schedule = schedule_for(ckpt)
+    cond = encode_prompts(ckpt, [params.prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
+    uncond = encode_prompts(ckpt, [params.negative_prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
+    length = max(cond.shape[1], uncond.shape[1])
+    cond, uncond = (pad_with_empty(ckpt, z, length, params.clip_skip) for z in (cond, uncond))
+    sigmas = sigmas_for(params.sampler, schedule, params.steps)
+    noise = seeded_noise(params.seed, params.batch_size, shape).to(unet_param.device, unet_param.dtype)
+    x = initial_latents(noise, params.sampler, sigmas[0])
+    denoiser = CFGDenoiser(ckpt.unet, schedule, cond, uncond, params.cfg_scale)
+    latents = sample_euler(denoiser, x, sigmas, callback)
+    return latents_to_images(ckpt.vae.decode(latents.to(next(ckpt.vae.parameters()).dtype)))
