@@ -344,6 +344,8 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     times its weight [B, 77], then the whole result rescaled so its mean (one scalar over all of z, as in
     the webui) equals the mean before. In float32 like the webui, since a half-precision mean would rescale
     even all-ones weights; returned in z's dtype."""
+    if bool((weights == 1).all()):
+        return z  # nothing to re-weight; also spares a 0/0 when z's mean is exactly zero (untrained norms)
     z32 = z.float()  # [B, 77, D]
     original_mean = z32.mean()
     weighted = z32 * weights.to(z32)[..., None]  # [B, 77, D]

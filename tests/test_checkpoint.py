@@ -1,0 +1,119 @@
+"""Loading checkpoints: real-scale SD1.5 layout, the tiny default, and every way a file can be wrong."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, TINY_UNET
+from lib_lora.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from lib_lora.models.sd15 import SD15_UNET, write_random_sd15
+
+
+def test_full_size_random_sd15_loads_with_sd15_architecture(tmp_path):
+    path = write_random_sd15(tmp_path / "sd15.safetensors", torch.float16)
+    ckpt = load_checkpoint(path, dtype=torch.float16)
+    assert ckpt.unet.config == SD15_UNET
+    counts = [sum(p.numel() for p in m.parameters()) for m in (ckpt.unet, ckpt.text_encoder, ckpt.vae)]
+    assert counts == [859_520_964, 123_060_480, 83_653_863]
+    assert ckpt.text_encoder.config.layers == 12 and ckpt.text_encoder.config.heads == 12
+    assert ckpt.vae.config.downsampling_factor == 8
+
+
+def test_shipped_default_loads_and_keeps_its_architecture():
+    ckpt = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert ckpt.unet.config == TINY_UNET
+    assert not any(p.requires_grad for p in ckpt.unet.parameters())
+
+
+def test_ckpt_and_safetensors_load_the_same_weights(tiny_checkpoint_path, tmp_path):
+    state, _ = read_state_dict(tiny_checkpoint_path)
+    ckpt_path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": state}, ckpt_path)
+    a, b = load_checkpoint(tiny_checkpoint_path), load_checkpoint(ckpt_path)
+    # the .ckpt lacks the safetensors metadata, so head counts fall back to SD1's; weights must agree
+    for (ka, va), (kb, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_truncated_file_is_a_clear_error(tiny_checkpoint_path, tmp_path):
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(tiny_checkpoint_path.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*(truncated|corrupted)"):
+        load_checkpoint(bad)
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"this is not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match="garbage.ckpt"):
+        load_checkpoint(bad)
+
+
+class NotATensor:
+    """Stands for any object a malicious .ckpt could make torch unpickle."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": NotATensor()}}, bad)
+    with pytest.raises(CheckpointError, match="evil.ckpt"):
+        load_checkpoint(bad)
+
+
+def test_foreign_file_names_what_is_missing(tmp_path):
+    foreign = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(foreign))
+    with pytest.raises(CheckpointError, match=r"no UNet weights"):
+        load_checkpoint(foreign)
+
+
+def test_sdxl_file_is_named_as_unsupported(tmp_path):
+    path = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.0.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match="SDXL"):
+        load_checkpoint(path)
+
+
+def _rewrite(src, dst, change):
+    state, meta = read_state_dict(src)
+    change(state)
+    save_file(state, str(dst), metadata=meta)
+    return dst
+
+
+def test_missing_and_unknown_keys_are_listed(tiny_checkpoint_path, tmp_path):
+    def change(state):
+        del state["model.diffusion_model.out.2.bias"]
+        state["model.diffusion_model.extra.weight"] = torch.zeros(1)
+
+    path = _rewrite(tiny_checkpoint_path, tmp_path / "edited.safetensors", change)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "missing: model.diffusion_model.out.2.bias" in str(err.value)
+    assert "unknown: model.diffusion_model.extra.weight" in str(err.value)
+
+
+def test_wrong_shape_is_named(tiny_checkpoint_path, tmp_path):
+    key = "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight"
+
+    def change(state):
+        state[key] = state[key][:, :-1].clone()
+
+    path = _rewrite(tiny_checkpoint_path, tmp_path / "shape.safetensors", change)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        load_checkpoint(path)
+
+
+def test_stray_top_level_key_is_named(tiny_checkpoint_path, tmp_path):
+    path = _rewrite(tiny_checkpoint_path, tmp_path / "stray.safetensors", lambda s: s.update({"optimizer.state": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match="optimizer.state"):
+        load_checkpoint(path)
+
+
+def test_extra_keys_real_sd1_files_carry_are_accepted(tiny_checkpoint_path, tmp_path):
+    def change(state):
+        state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["alphas_cumprod"] = torch.ones(1000)
+
+    load_checkpoint(_rewrite(tiny_checkpoint_path, tmp_path / "extras.safetensors", change))
