@@ -1,0 +1,258 @@
+"""Scan a kohya-style dataset folder: `root/N_name/img.png` + `img.txt`.
+
+Conventions from kohya-ss/sd-scripts (`config_util.generate_dreambooth_subsets_config_by_subdirs`,
+`train_util.DreamBoothDataset`): each subfolder `N_name` is a subset repeated N times per epoch;
+`name` (everything after the first `_`) is the class token, used as the caption of an image that has
+no caption file. Where kohya silently skips (a folder without repeats, zero repeats, an unreadable
+image) we stop with a `DatasetError` instead, so the user learns about it before training.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+CAPTION_EXTENSIONS = (".txt", ".caption")
+DEFAULT_CAPTION_SOURCE = "default"
+SUBSET_NAME = re.compile(r"^(\d+)_(.+)$")
+EXIF_ORIENTATION = 0x0112
+ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+SHOWN_NAMES = 5  # file names listed in a warning before "... and N more"
+# What PIL raises on a broken image file (SyntaxError: some malformed PNG chunks).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+__all__ = ["DatasetError", "ImageItem", "Subset", "DatasetScan", "scan_dataset", "is_image_file"]
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of the dataset; `size` is (width, height) after EXIF orientation, read from the header."""
+
+    path: Path
+    caption: str
+    caption_source: str  # the caption file's extension (".txt", ".caption", ...) or "default"
+    subset: str  # the folder name, e.g. "10_mychar"
+    is_reg: bool = False
+    size: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class Subset:
+    """One `N_name` folder: its images are seen `repeats` times per epoch."""
+
+    directory: Path
+    name: str  # the class token: the part after `N_`
+    repeats: int
+    items: list[ImageItem]
+    is_reg: bool
+
+
+@dataclass
+class DatasetScan:
+    """The result of `scan_dataset`: subsets, skipped files (`problems`) and caption warnings."""
+
+    subsets: list[Subset]
+    problems: list[str]
+    default_captions: int
+    warnings: list[str] = field(default_factory=list)
+
+    def num_images(self) -> int:
+        return sum(len(s.items) for s in self.subsets)
+
+    def num_with_repeats(self) -> int:
+        return sum(len(s.items) * s.repeats for s in self.subsets)
+
+    def items(self) -> list[ImageItem]:
+        return [item for s in self.subsets for item in s.items]
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's `ss_tag_frequency`: folder name -> lower-cased comma tag -> images with it."""
+        frequency: dict[str, dict[str, int]] = {}
+        for subset in self.subsets:
+            counts = frequency.setdefault(subset.directory.name, {})
+            for item in subset.items:
+                for tag in item.caption.split(","):
+                    tag = tag.strip().lower()
+                    if tag:
+                        counts[tag] = counts.get(tag, 0) + 1
+        return frequency
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_dataset(
+    root: Path | str,
+    *,
+    caption_extension: str = ".txt",
+    allow_unreadable: bool = False,
+    is_reg: bool = False,
+) -> DatasetScan:
+    """Find the `N_name` subsets of `root`, their images, sizes and captions.
+
+    An unreadable image or caption is listed in `problems`; unless `allow_unreadable`, any problem
+    raises a `DatasetError` listing them all. Captions come from `<stem><caption_extension>`, else
+    the other of `.txt` / `.caption`, else the folder's class token (counted in `default_captions`).
+    """
+    root = Path(root)
+    directories = _subset_directories(root)
+    extensions = _caption_extensions(caption_extension)
+    subsets, problems, warnings = [], [], []
+    for directory in directories:
+        subset = _scan_subset(directory, extensions, is_reg, problems)
+        if subset.items:
+            subsets.append(subset)
+        else:
+            warnings.append(f"{directory}: no usable images, folder ignored")
+    _check_problems(root, problems, allow_unreadable)
+    if not subsets:
+        raise DatasetError(f"no usable images in {root}: add png/jpg/jpeg/webp/bmp images to its N_name folders")
+    scan = DatasetScan(subsets, problems, _count_default(subsets), warnings)
+    _warn_default_captions(scan)
+    for message in scan.warnings:
+        logger.warning(message)
+    return scan
+
+
+def _subset_directories(root: Path) -> list[Path]:
+    """The `N_name` subfolders of `root`, sorted; errors for anything a user would expect to be used."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
+    entries = sorted(root.iterdir())
+    if not entries:
+        raise DatasetError(f"dataset folder {root} is empty: add subfolders named like 10_name holding the images")
+    directories = [d for d in entries if d.is_dir() and _has_images(d)]
+    for directory in directories:
+        _parse_repeats(directory)
+    loose = [p for p in entries if is_image_file(p)]
+    if loose and not directories:
+        raise DatasetError(
+            f"{root} holds images directly; move them into a subfolder named like 10_name "
+            f"(10 = repeats per epoch, name = class token), or point at that folder's parent"
+        )
+    if loose:
+        logger.warning("%s: %d images directly in the dataset folder are not used (only N_name subfolders are)", root, len(loose))
+    return directories
+
+
+def _has_images(directory: Path) -> bool:
+    return any(is_image_file(p) for p in directory.iterdir())
+
+
+def _parse_repeats(directory: Path) -> tuple[int, str]:
+    """(repeats, class token) from a folder named `N_name`."""
+    match = SUBSET_NAME.match(directory.name)
+    if match is None:
+        raise DatasetError(
+            f"folder {directory} has images but its name does not start with a repeat count: "
+            f"rename it like 10_{directory.name} (10 = repeats per epoch)"
+        )
+    repeats = int(match.group(1))
+    if repeats == 0:
+        raise DatasetError(f"folder {directory} has zero repeats: rename it with a repeat count of 1 or more, e.g. 1_{match.group(2)}")
+    return repeats, match.group(2)
+
+
+def _caption_extensions(caption_extension: str) -> list[str]:
+    """The extensions tried in order: the chosen one, then the other standard ones."""
+    if not caption_extension.strip("."):
+        raise DatasetError(f"caption_extension {caption_extension!r} is empty: use e.g. '.txt'")
+    chosen = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+    return [chosen] + [e for e in CAPTION_EXTENSIONS if e != chosen]
+
+
+def _scan_subset(directory: Path, extensions: list[str], is_reg: bool, problems: list[str]) -> Subset:
+    repeats, name = _parse_repeats(directory)
+    items = []
+    for path in sorted(p for p in directory.iterdir() if is_image_file(p)):
+        item = _scan_image(path, name, directory.name, extensions, is_reg, problems)
+        if item is not None:
+            items.append(item)
+    return Subset(directory, name, repeats, items, is_reg)
+
+
+def _scan_image(
+    path: Path, class_token: str, subset: str, extensions: list[str], is_reg: bool, problems: list[str]
+) -> ImageItem | None:
+    """The item for one image, or None after recording why it cannot be used."""
+    try:
+        size = read_image_size(path)
+        caption, source = read_caption(path, extensions)
+    except (DatasetError, *IMAGE_ERRORS) as error:
+        problems.append(f"{path}: {error}")
+        return None
+    if caption is None:
+        caption, source = class_token, DEFAULT_CAPTION_SOURCE
+    return ImageItem(path, caption, source, subset, is_reg, size)
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image will be seen: from the header, swapped for rotating EXIF orientations.
+
+    `verify()` reads the file's chunks (PNG CRCs) without decoding pixels, so most corrupt files are
+    caught here rather than mid-training.
+    """
+    with Image.open(path) as image:
+        image.verify()  # must come first: it leaves the image unusable
+    with Image.open(path) as image:
+        width, height = image.size
+        # Only EXIF already in the header: PIL's getexif() on a PNG otherwise decodes the whole image.
+        orientation = image.getexif().get(EXIF_ORIENTATION) if "exif" in image.info else None
+    if width < 1 or height < 1:
+        raise DatasetError(f"{path} has an empty size {width}x{height}")
+    return (height, width) if orientation in ROTATED_ORIENTATIONS else (width, height)
+
+
+def read_caption(image_path: Path, extensions: list[str]) -> tuple[str | None, str]:
+    """The first line of the first caption file found, and its extension; (None, "") when there is none.
+
+    kohya reads only the first line unless wildcards are on. An empty file counts as no caption.
+    """
+    for extension in extensions:
+        path = image_path.with_suffix(extension)
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"caption {path} is not UTF-8 text ({error.reason}): re-save it as UTF-8") from error
+        lines = text.splitlines()
+        first = lines[0].strip() if lines else ""
+        return (first, extension) if first else (None, "")
+    return None, ""
+
+
+def _check_problems(root: Path, problems: list[str], allow_unreadable: bool) -> None:
+    if problems and not allow_unreadable:
+        listed = "\n  ".join(problems)
+        raise DatasetError(
+            f"{len(problems)} unreadable file(s) in {root}; fix or remove them, "
+            f"or allow skipping unreadable files:\n  {listed}"
+        )
+    for problem in problems:
+        logger.warning("skipped unreadable file %s", problem)
+
+
+def _count_default(subsets: list[Subset]) -> int:
+    return sum(item.caption_source == DEFAULT_CAPTION_SOURCE for s in subsets for item in s.items)
+
+
+def _warn_default_captions(scan: DatasetScan) -> None:
+    missing = [item for item in scan.items() if item.caption_source == DEFAULT_CAPTION_SOURCE]
+    if not missing:
+        return
+    names = ", ".join(item.path.name for item in missing[:SHOWN_NAMES])
+    more = f" ... and {len(missing) - SHOWN_NAMES} more" if len(missing) > SHOWN_NAMES else ""
+    scan.warnings.append(
+        f"{len(missing)} image(s) have no caption file; their folder's class token is used as caption: {names}{more}"
+    )

@@ -1,0 +1,60 @@
+"""Caption options: trigger words, shuffle with keep_tokens, caption and tag dropout; all seeded."""
+import random
+
+import numpy as np
+import pytest
+
+from lib_lora.data import build_caption
+
+CAPTION = "1girl, red hair, smile, outdoors, blue sky, tree"
+
+
+def build(seed=0, caption=CAPTION, **options):
+    return build_caption(caption, rng=random.Random(seed), **options)
+
+
+def test_plain_caption_is_normalised_first_line():
+    assert build(caption="a,b ,, c\nignored") == "a, b, c"
+    assert build(trigger_words="sks") == "sks, " + CAPTION
+
+
+def test_shuffle_is_seeded_and_keeps_tokens():
+    results = {build(seed, shuffle=True, keep_tokens=2) for seed in range(30)}
+    assert len(results) > 5
+    for result in results:
+        tags = result.split(", ")
+        assert tags[:2] == ["1girl", "red hair"] and sorted(tags) == sorted(CAPTION.split(", "))
+    assert build(7, shuffle=True) == build(7, shuffle=True)
+    generator = build_caption(CAPTION, shuffle=True, rng=np.random.default_rng(5))
+    assert generator == build_caption(CAPTION, shuffle=True, rng=np.random.default_rng(5))
+
+
+def test_trigger_words_stay_first_and_count_as_kept():
+    for seed in range(20):
+        tags = build(seed, trigger_words="sks, mystyle", shuffle=True, tag_dropout_rate=0.5).split(", ")
+        assert tags[:2] == ["sks", "mystyle"]
+    # keep_tokens counts from the front including the trigger: keep 3 = both triggers + "1girl"
+    for seed in range(20):
+        assert build(seed, trigger_words="sks, mystyle", shuffle=True, keep_tokens=3).startswith("sks, mystyle, 1girl, ")
+    assert build(caption="sks, 1girl", trigger_words="sks") == "sks, 1girl"  # not repeated
+
+
+def test_caption_dropout_at_zero_and_one():
+    assert build(caption_dropout_rate=1.0, trigger_words="sks") == ""
+    assert all(build(seed, caption_dropout_rate=0.0) == CAPTION for seed in range(10))
+    dropped = sum(build(seed, caption_dropout_rate=0.5) == "" for seed in range(200))
+    assert 60 < dropped < 140
+
+
+def test_tag_dropout_at_zero_and_one_spares_kept_tags():
+    assert build(tag_dropout_rate=0.0) == CAPTION
+    assert build(tag_dropout_rate=1.0, keep_tokens=1) == "1girl"
+    assert build(tag_dropout_rate=1.0, trigger_words="sks") == "sks"
+    partial = [len(build(seed, tag_dropout_rate=0.5).split(", ")) for seed in range(50)]
+    assert min(partial) < 6 and max(partial) > 1
+
+
+@pytest.mark.parametrize("options", [{"caption_dropout_rate": 1.5}, {"tag_dropout_rate": -0.1}, {"keep_tokens": -1}])
+def test_invalid_options(options):
+    with pytest.raises(ValueError):
+        build(**options)
