@@ -7,7 +7,7 @@ Edges are anti-aliased by drawing at `SUPERSAMPLE` times the size and box-downsa
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +40,7 @@ EXTENT = {"circle": 0.9, "square": 1.1, "triangle": 1.25, "star": 1.25, "ring": 
 SYMMETRY_DEGREES = {"circle": 0.0, "square": 90.0, "triangle": 120.0, "star": 72.0, "ring": 0.0}
 SIZE_RANGE = (0.14, 0.30)  # nominal radius, fraction of the image side
 SMALL_BELOW, LARGE_ABOVE = 0.19, 0.25  # size words; in between the caption says nothing
-LEFT_BELOW, RIGHT_ABOVE = 0.4, 0.6  # position words, for cx; the same bounds say top/bottom for cy
+SIDE_BELOW, SIDE_ABOVE = 0.4, 0.6  # cx below: "left", above: "right"; cy: "top", "bottom"
 EDGE_MARGIN = 0.03  # empty border kept around the object, fraction of the side
 SUPERSAMPLE = 4
 # Backgrounds are dark near-neutral greys: every named colour stands well clear of them.
@@ -98,6 +98,8 @@ class Description:
 
 @dataclass(frozen=True)
 class Example:
+    """One training pair of the world, with the scene it was drawn from."""
+
     image: Image.Image
     caption: str
     scene: Scene
@@ -120,8 +122,8 @@ def shape_polygon(shape: str, rotation: float = 0.0) -> np.ndarray:
     return np.stack([radii * np.sin(angles), -radii * np.cos(angles)], axis=1)  # (k, 2)
 
 
-def sample_scene(rng: np.random.Generator, shapes=SEEN_SHAPES, colours=SEEN_COLOURS,
-                 random_rgb: bool = False) -> Scene:
+def sample_scene(rng: np.random.Generator, shapes: Sequence[str] = SEEN_SHAPES,
+                 colours: Sequence[str] = SEEN_COLOURS, random_rgb: bool = False) -> Scene:
     """Draw a scene from `shapes` and `colours` (defaults: what the base model may see).
 
     `random_rgb=True` ignores `colours` and paints any RGB that contrasts with the background
@@ -144,7 +146,7 @@ def sample_scene(rng: np.random.Generator, shapes=SEEN_SHAPES, colours=SEEN_COLO
     return Scene(shape, colour_name, rgb, size, cx, cy, rotation, background)
 
 
-def _check_names(names, known, what: str) -> None:
+def _check_names(names: Sequence[str], known, what: str) -> None:
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown or empty {what} list {list(names)!r}; known: {list(known)}")
@@ -162,7 +164,9 @@ def _sample_background(rng: np.random.Generator) -> Background:
                       amplitude if kind == 2 else 0.0)
 
 
-def _random_contrasting_rgb(rng: np.random.Generator, background: tuple[int, int, int]):
+def _random_contrasting_rgb(rng: np.random.Generator,
+                            background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Uniform RGB, redrawn until it stands MIN_RANDOM_CONTRAST away from the background."""
     while True:
         rgb = rng.integers(0, 256, size=3)
         if np.linalg.norm(rgb - np.array(background)) >= MIN_RANDOM_CONTRAST:
@@ -189,7 +193,7 @@ def render_background(background: Background, size: int) -> np.ndarray:
 
 
 def render_alpha(scene: Scene, size: int) -> np.ndarray:
-    """Float (size, size) coverage of the object in [0, 1], box-filtered from a supersampled mask."""
+    """Float (size, size) object coverage in [0, 1], box-filtered from a supersampled mask."""
     big = size * SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
@@ -216,12 +220,13 @@ def describe(scene: Scene) -> Description:
         size_word = "large"
     else:
         size_word = None
-    return Description(size_word, scene.colour_name, scene.shape, _position_phrase(scene.cx, scene.cy))
+    position = _position_phrase(scene.cx, scene.cy)
+    return Description(size_word, scene.colour_name, scene.shape, position)
 
 
 def _position_phrase(cx: float, cy: float) -> str:
-    horizontal = "left" if cx < LEFT_BELOW else "right" if cx > RIGHT_ABOVE else None
-    vertical = "top" if cy < LEFT_BELOW else "bottom" if cy > RIGHT_ABOVE else None
+    horizontal = "left" if cx < SIDE_BELOW else "right" if cx > SIDE_ABOVE else None
+    vertical = "top" if cy < SIDE_BELOW else "bottom" if cy > SIDE_ABOVE else None
     if horizontal and vertical:
         return f"in the {vertical} {horizontal}"
     if horizontal:
@@ -236,8 +241,9 @@ def caption(scene: Scene, style: str = "full") -> str:
     return describe(scene).text(style)
 
 
-def make_example(seed: int, size: int = 64, shapes=SEEN_SHAPES, colours=SEEN_COLOURS,
-                 random_rgb: bool = False, style: str | None = None) -> Example:
+def make_example(seed: int, size: int = 64, shapes: Sequence[str] = SEEN_SHAPES,
+                 colours: Sequence[str] = SEEN_COLOURS, random_rgb: bool = False,
+                 style: str | None = None) -> Example:
     """The example for `seed`: the same seed always gives the same pixels and caption.
 
     `style=None` picks a caption style from the seed, so a dataset mixes short and full captions.
