@@ -11,8 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from .errors import DatasetError
-from .folders import DatasetScan, ImageItem
+from .folders import DatasetScan, ImageItem, check_batch_size
 from .rng import Rng, shuffled
 
 Size = tuple[int, int]
@@ -81,17 +80,6 @@ def bucket_info(samples: Sequence[Sample], ar_errors: Sequence[float] = ()) -> d
     buckets = {i: {"resolution": list(reso), "count": n} for i, (reso, n) in enumerate(bucket_counts(samples).items())}
     mean_error = sum(abs(e) for e in ar_errors) / len(ar_errors) if ar_errors else 0.0
     return {"buckets": buckets, "mean_img_ar_error": mean_error}
-
-
-def check_batch_size(num_samples: int, batch_size: int) -> None:
-    """A `DatasetError` unless 1 <= batch_size <= samples per epoch."""
-    if batch_size < 1:
-        raise DatasetError(f"batch size must be 1 or more, got {batch_size}")
-    if batch_size > num_samples:
-        raise DatasetError(
-            f"batch size {batch_size} is larger than the dataset ({num_samples} samples per epoch, repeats included): "
-            f"lower the batch size or add images or repeats"
-        )
 
 
 def make_batches(samples: Sequence[Sample], batch_size: int, rng: Rng) -> list[list[Sample]]:

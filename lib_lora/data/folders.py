@@ -30,7 +30,7 @@ SHOWN_NAMES = 5  # file names listed in a warning before "... and N more"
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-__all__ = ["DatasetError", "ImageItem", "Subset", "DatasetScan", "scan_dataset", "is_image_file"]
+__all__ = ["DatasetError", "ImageItem", "Subset", "DatasetScan", "scan_dataset", "check_batch_size", "is_image_file"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,17 @@ class DatasetScan:
                     if tag:
                         counts[tag] = counts.get(tag, 0) + 1
         return frequency
+
+
+def check_batch_size(num_samples: int, batch_size: int) -> None:
+    """A `DatasetError` unless 1 <= batch_size <= samples per epoch."""
+    if batch_size < 1:
+        raise DatasetError(f"batch size must be 1 or more, got {batch_size}")
+    if batch_size > num_samples:
+        raise DatasetError(
+            f"batch size {batch_size} is larger than the dataset ({num_samples} samples per epoch, repeats included): "
+            f"lower the batch size or add images or repeats"
+        )
 
 
 def is_image_file(path: Path) -> bool:

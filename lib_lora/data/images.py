@@ -143,6 +143,8 @@ def fit_with_mask(
     resized_size: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, np.ndarray | None, CropBox]:
     """`fit_to_bucket` applied identically to the image and its alpha mask [H, W] (None passes through)."""
+    if mask is not None and mask.shape != (image.height, image.width):
+        raise ValueError(f"mask shape {mask.shape} does not match the image's {image.height}x{image.width}")
     plan = plan_fit(image.size, bucket, random_crop=random_crop, rng=rng, resized_size=resized_size)
     fitted = apply_fit(image, plan, flip)
     if mask is None:
