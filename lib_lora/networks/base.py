@@ -1,0 +1,172 @@
+"""The base class of every adapter algorithm: file keys as parameter names, injection and checks once.
+
+An algorithm subclass (lora.py, loha.py, lokr.py) declares `algo`, its `required_keys` and
+`optional_keys` (the part of each file key after the module name) and implements only the math:
+`delta_weight`, `delta_shape`, `from_tensors` and, where it has a cheaper form, `forward_delta`.
+Hooking onto a host layer, dtype handling, module dropout and validation of file tensors live here.
+
+The host layer is held outside the module tree (`self.__dict__`), so `state_dict()` is exactly the
+file's tensors for this module and the host's own parameters, names and state dict are untouched:
+a forward hook adds `multiplier · forward_delta(x)` to the host's output.
+"""
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import LoraFormatError
+from .functional import apply_weight, flat_shape, lora_scale
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """'linear', 'conv1x1' or 'conv' (any other kernel) for the layers adapters can target; else None."""
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros":
+        return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
+    return None
+
+
+def conv_geometry(layer: nn.Module) -> dict:
+    """stride/padding/dilation of a host conv (an adapter's k×k factor must use them); {} for Linear."""
+    if isinstance(layer, nn.Conv2d):
+        return {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+    return {}
+
+
+class Factor(nn.Module):
+    """A bare `weight` parameter, so that file key `<name>.lora_down.weight` is this module's state-dict key."""
+
+    def __init__(self, weight: torch.Tensor, trainable: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+
+
+class AdapterModule(nn.Module):
+    """One adapter on one host layer. Subclasses implement the math; this class hooks and validates."""
+
+    algo: ClassVar[str]
+    required_keys: ClassVar[frozenset[str]]
+    optional_keys: ClassVar[frozenset[str]] = frozenset({"alpha"})
+
+    def __init__(self, lora_name: str):
+        super().__init__()
+        self.lora_name = lora_name
+        self.multiplier = 1.0
+        self.module_dropout = 0.0
+        self.__dict__["host"] = None  # not registered: the host's parameters stay out of our state dict
+        self._handle: RemovableHandle | None = None
+
+    # ---- math, per algorithm -------------------------------------------------------------------
+    @property
+    def rank(self) -> int | None:
+        """The r of scale = alpha / r; None where the algorithm uses no scale (full LoKr factors)."""
+        raise NotImplementedError
+
+    @property
+    def alpha_value(self) -> float | None:
+        alpha = getattr(self, "alpha", None)
+        return None if alpha is None else float(alpha.item())
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha_value, self.rank)
+
+    def delta_shape(self) -> tuple[int, int]:
+        """(out, in·kh·kw) of ΔW as the tensors give it; checked against the target before applying."""
+        raise NotImplementedError
+
+    def delta_weight(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """scale·ΔW in the target weight's `shape` (strength not included), in the adapter's dtype."""
+        raise NotImplementedError
+
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """scale·ΔW applied to `x` as the host layer would apply a weight (its conv stride/padding)."""
+        weight = self.delta_weight(layer.weight.shape).to(device=x.device, dtype=x.dtype)
+        return apply_weight(x, weight, **conv_geometry(layer))
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "AdapterModule":
+        """Build from a file's tensors for one module (keys without the `name.` part)."""
+        raise NotImplementedError
+
+    # ---- file checks, shared -------------------------------------------------------------------
+    @classmethod
+    def matches(cls, keys: set[str]) -> bool:
+        return cls.required_keys <= keys
+
+    @classmethod
+    def check_keys(cls, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Every key is one of the algorithm's; every tensor is finite; alpha is a scalar."""
+        for key in sorted(set(tensors) - cls.required_keys - cls.optional_keys):
+            known = ", ".join(sorted(cls.required_keys | cls.optional_keys))
+            raise LoraFormatError(f"{name}.{key}: unknown key for a {cls.algo} module (its keys: {known})")
+        for key, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise LoraFormatError(f"{name}.{key}: contains NaN or infinite values")
+        alpha = tensors.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise LoraFormatError(f"{name}.alpha: must be a scalar, has shape {tuple(alpha.shape)}")
+
+    @staticmethod
+    def check_ndim(name: str, key: str, t: torch.Tensor, ndims: tuple[int, ...]) -> None:
+        if t.dim() not in ndims:
+            raise LoraFormatError(f"{name}.{key}: expected {' or '.join(map(str, ndims))} dims, got shape {tuple(t.shape)}")
+
+    @staticmethod
+    def check_dim_equal(name: str, key: str, got: int, expected: int, what: str) -> None:
+        if got != expected:
+            raise LoraFormatError(f"{name}.{key}: {what} is {got}, expected {expected}")
+
+    def check_target(self, layer: nn.Module) -> None:
+        """Raise if this module cannot be applied to `layer` (layer type or weight shape)."""
+        kind = layer_kind(layer)
+        if kind is None:
+            raise LoraFormatError(f"{self.lora_name}: targets a {type(layer).__name__}, which adapters cannot patch")
+        out, flat_in = self.delta_shape()
+        want_out, want_in = flat_shape(layer.weight.shape)
+        if (out, flat_in) != (want_out, want_in):
+            raise LoraFormatError(
+                f"{self.lora_name}: its delta weight is [{out}, {flat_in}] (out, in·kh·kw) but the layer's weight "
+                f"{tuple(layer.weight.shape)} needs [{want_out}, {want_in}]; the file is for another model"
+            )
+
+    # ---- injection, shared -----------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def bind(self, layer: nn.Module) -> None:
+        """Remember the host layer this module adds to (checked, not yet hooked)."""
+        self.check_target(layer)
+        self.__dict__["host"] = layer
+
+    def apply_to(self) -> None:
+        """Start adding to the host's output (idempotent)."""
+        if self.host is None:
+            raise RuntimeError(f"{self.lora_name}: bind() it to a layer before apply_to()")
+        if self._handle is None:
+            self._handle = self.host.register_forward_hook(self._forward_hook)
+
+    def remove(self) -> None:
+        """Stop adding to the host's output; the host is then exactly as before `apply_to`."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def applied(self) -> bool:
+        return self._handle is not None
+
+    def _dropped(self) -> bool:
+        """Module dropout (kohya): in training, skip this module for the whole step with probability p."""
+        return self.training and self.module_dropout > 0 and bool(torch.rand(()) < self.module_dropout)
+
+    def _forward_hook(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.multiplier == 0 or self._dropped():
+            return output
+        # The host may be fp16/bf16; the adapter computes in its own (fp32) dtype, the sum is cast back.
+        delta = self.forward_delta(inputs[0].to(self.compute_dtype), layer)
+        return output + (delta * self.multiplier).to(output.dtype)

@@ -1,0 +1,179 @@
+"""LoRA files: save (atomic, kohya layout), load (any kohya/LyCORIS file, validated), and the webui card.
+
+A saved file holds exactly the network's state dict (`<name>.lora_down.weight`, `.lora_up.weight`,
+0-d `.alpha`) cast to the save precision, plus string metadata with `sshs_*` hashes computed as
+kohya does. A loaded file is a `LoraFile`: one validated adapter module per name, so it knows each
+module's delta weight; every key is accounted for before anything can be applied.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .base import AdapterModule
+from .errors import LoraFormatError
+from .metadata import sshs_hashes
+from .naming import TEXT_PREFIX, TEXT_PREFIX_ALIASES, UNET_PREFIX
+from .registry import module_from_tensors
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+KNOWN_PREFIXES = (UNET_PREFIX, TEXT_PREFIX, *TEXT_PREFIX_ALIASES)
+CARD_SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")
+
+
+@dataclass
+class LoraFile:
+    """A loaded LoRA/LyCORIS file: module name -> validated adapter (unbound), and the header metadata."""
+
+    path: Path | None
+    modules: dict[str, AdapterModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path else "<memory>"
+
+    @property
+    def alias(self) -> str:
+        """What the webui calls it: `ss_output_name`, else the file stem."""
+        return self.metadata.get("ss_output_name") or self.name
+
+
+def _atomic_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+
+
+def save_lora(path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
+              save_dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
+    """Write `state_dict` (kohya keys) as .safetensors in `save_dtype`, atomically (temp file + rename).
+
+    Every tensor, alpha included, is cast (kohya `--save_precision`); `sshs_model_hash` and
+    `sshs_legacy_hash` are computed and added. Raises FileExistsError naming the path unless `overwrite`.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a LoRA is saved as .safetensors")
+    _check_overwrite(path, overwrite)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise TypeError(f"metadata {key!r} must be a string (safetensors metadata is str -> str), got {type(value).__name__}")
+    for key in state_dict:
+        if "." not in key or not key.startswith(KNOWN_PREFIXES):
+            raise LoraFormatError(f"{key}: not a kohya LoRA key (<lora_unet_|lora_te_...>.<param>)")
+    tensors = {k: v.detach().to("cpu", save_dtype).contiguous() for k, v in state_dict.items()}
+    meta = dict(metadata) | sshs_hashes(tensors, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        _check_overwrite(path, overwrite)  # another writer may have won meanwhile
+        _atomic_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors (or weights-only .pt/.ckpt) LoRA file."""
+    if not path.is_file():
+        raise LoraFormatError(f"{path}: no such LoRA file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LoraFormatError(f"{path}: not a readable safetensors file (truncated or corrupted header?): {e}") from e
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad pickles; all mean the same to the user
+        raise LoraFormatError(f"{path}: not a readable torch file: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise LoraFormatError(f"{path}: holds no flat dict of tensors")
+    return data, {}
+
+
+def group_by_module(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """`<module>.<param>` keys -> {module: {param: tensor}}; the module part has no dots (lora-format.md §1)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(tensors):
+        name, dot, param = key.partition(".")
+        if not dot:
+            raise LoraFormatError(f"{source}: key {key!r} has no '.<param>' part; not a LoRA key")
+        if not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
+            prefix = "an SDXL second-text-encoder" if name.startswith("lora_te2_") else "an unknown"
+            raise LoraFormatError(f"{source}: key {key!r} has {prefix} module prefix (an SD1 LoRA uses lora_unet_, lora_te_)")
+        groups.setdefault(name, {})[param] = tensors[key]
+    return groups
+
+
+def lora_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                         path: Path | None = None) -> LoraFile:
+    """Validate and build every module; the first problem raises LoraFormatError naming its key."""
+    source = str(path) if path else "state dict"
+    if not tensors:
+        raise LoraFormatError(f"{source}: holds no tensors")
+    try:
+        modules = {name: module_from_tensors(name, group) for name, group in group_by_module(tensors, source).items()}
+    except LoraFormatError as e:
+        raise LoraFormatError(f"{source}: {e}") from e
+    return LoraFile(path, modules, dict(metadata or {}))
+
+
+def load_lora(path) -> LoraFile:
+    """Load any kohya or LyCORIS LoRA/LoCon/LoHa/LoKr file, fully validated before it is returned."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path)
+    return lora_from_state_dict(tensors, metadata, path)
+
+
+def card_paths(path_or_stem) -> tuple[Path, Path]:
+    """(`name.json`, `name.preview.png`) beside `name.safetensors` (webui user metadata and preview)."""
+    path = Path(path_or_stem)
+    stem = path.with_suffix("") if path.suffix in LORA_SUFFIXES else path
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".preview.png")
+
+
+def write_card(path_or_stem, activation_text: str = "", preferred_weight: float = 1.0, sd_version: str = "SD1",
+               preview: Image.Image | None = None, description: str = "", negative_text: str = "",
+               notes: str = "") -> tuple[Path, Path | None]:
+    """Write the webui card: `name.json` in its user-metadata format and `name.preview.png` (if given).
+
+    Field names as in the webui's `extensions-builtin/Lora/ui_edit_user_metadata.py`; "activation
+    text" (the trigger words) is added to the prompt with the LoRA, "preferred weight" replaces the
+    default multiplier (0 = unset), "sd version" overrides version detection.
+    """
+    if sd_version not in CARD_SD_VERSIONS:
+        raise ValueError(f"sd_version must be one of {CARD_SD_VERSIONS}, got {sd_version!r}")
+    json_path, preview_path = card_paths(path_or_stem)
+    card = {
+        "description": description,
+        "sd version": sd_version,
+        "activation text": activation_text,
+        "preferred weight": float(preferred_weight),
+        "negative text": negative_text,
+        "notes": notes,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(card, indent=4, ensure_ascii=False), encoding="utf-8")
+    _atomic_replace(tmp, json_path)
+    if preview is None:
+        return json_path, None
+    tmp = preview_path.with_name(f".{preview_path.name}.{os.getpid()}.tmp")
+    preview.save(tmp, format="PNG")
+    _atomic_replace(tmp, preview_path)
+    return json_path, preview_path

@@ -1,0 +1,119 @@
+"""LoRA and LoCon: ΔW = up @ down · alpha/rank (Hu et al. 2021; kohya `networks/lora.py` LoRAModule).
+
+One algorithm for all layer kinds: on a Linear, down [r, in] and up [out, r]; on a conv, down is a
+conv with the host's kernel, stride and padding ([r, in, kh, kw], a 1×1 for SD1 proj_in/proj_out,
+a 3×3 for LoCon) and up a 1×1 conv [out, r, 1, 1]. LyCORIS's Tucker LoCon adds `lora_mid`
+[r, r, kh, kw] between a 1×1 down and the 1×1 up. Training follows kohya: down Kaiming-uniform, up
+zero (an untrained module adds exactly 0), neuron dropout on down(x), rank dropout with a
+1/(1-p) rescale, module dropout (in the base class).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterModule, Factor, conv_geometry, layer_kind
+from .errors import LoraFormatError
+from .functional import apply_weight, flat_shape, lora_delta_weight, rank_dropout_mask
+
+
+def _as_linear(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)  # [rows, cols]: 1x1-conv tensors on a Linear host
+
+
+def _as_conv(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 4 else t[:, :, None, None]  # 2-D tensors on a conv host act as 1x1 convs
+
+
+class LoRAModule(AdapterModule):
+    """`lora_down.weight`, `lora_up.weight`, optional `lora_mid.weight`, buffer `alpha` (lora-format.md §2)."""
+
+    algo = "lora"
+    required_keys = frozenset({"lora_down.weight", "lora_up.weight"})
+    optional_keys = frozenset({"alpha", "lora_mid.weight"})
+
+    def __init__(self, lora_name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None,
+                 mid: torch.Tensor | None = None, trainable: bool = True):
+        super().__init__(lora_name)
+        self.lora_down = Factor(down, trainable)
+        self.lora_up = Factor(up, trainable)
+        self.lora_mid = None if mid is None else Factor(mid, trainable)
+        self.register_buffer("alpha", alpha)
+        self.dropout = 0.0
+        self.rank_dropout = 0.0
+
+    @classmethod
+    def for_layer(cls, lora_name: str, layer: nn.Module, rank: int, alpha: float | None, *,
+                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                  device: torch.device | str | None = None) -> "LoRAModule":
+        """A fresh trainable module for `layer`, fp32; alpha None or 0 means alpha = rank (kohya)."""
+        device = layer.weight.device if device is None else device
+        out_features, in_features = layer.weight.shape[:2]
+        kernel = tuple(layer.weight.shape[2:])  # () for Linear, (kh, kw) for Conv2d
+        down = torch.empty(rank, in_features, *kernel, device=device)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # kohya's (and nn.Linear's) default init
+        up = torch.zeros(out_features, rank, *([1, 1] if kernel else []), device=device)
+        alpha = float(rank) if not alpha else float(alpha)
+        module = cls(lora_name, down, up, torch.tensor(alpha, device=device))
+        module.dropout, module.rank_dropout, module.module_dropout = dropout, rank_dropout, module_dropout
+        module.bind(layer)
+        return module
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "LoRAModule":
+        cls.check_keys(name, tensors)
+        down, up, mid = tensors["lora_down.weight"], tensors["lora_up.weight"], tensors.get("lora_mid.weight")
+        cls.check_ndim(name, "lora_down.weight", down, (2, 4))
+        cls.check_ndim(name, "lora_up.weight", up, (2, 4))
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise LoraFormatError(f"{name}.lora_up.weight: must be a 1x1 kernel, has shape {tuple(up.shape)}")
+        rank = down.shape[0]
+        cls.check_dim_equal(name, "lora_up.weight", up.shape[1], rank, "its rank (dim 1)")
+        if mid is not None:
+            cls.check_ndim(name, "lora_mid.weight", mid, (4,))
+            cls.check_dim_equal(name, "lora_mid.weight", mid.shape[0], rank, "its rank (dim 0)")
+            cls.check_dim_equal(name, "lora_mid.weight", mid.shape[1], rank, "its rank (dim 1)")
+        alpha = tensors.get("alpha")
+        alpha = None if alpha is None else alpha.detach().float().reshape(())
+        return cls(name, down.float(), up.float(), alpha, None if mid is None else mid.float(), trainable=False)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.weight.shape[0]
+
+    def delta_shape(self) -> tuple[int, int]:
+        out = self.lora_up.weight.shape[0]
+        if self.lora_mid is None:
+            return out, flat_shape(self.lora_down.weight.shape)[1]
+        return out, self.lora_down.weight.shape[1] * int(self.lora_mid.weight.shape[2:].numel())
+
+    def delta_weight(self, shape) -> torch.Tensor:
+        mid = None if self.lora_mid is None else self.lora_mid.weight
+        return lora_delta_weight(self.lora_up.weight, self.lora_down.weight, self.alpha_value, shape, mid)
+
+    def _factors(self, layer: nn.Module) -> list[tuple[torch.Tensor, dict]]:
+        """(weight, conv geometry) of down[, mid], up in the host's layout; the k×k factor takes the host's geometry."""
+        if layer_kind(layer) == "linear":
+            return [(_as_linear(self.lora_down.weight), {}), (_as_linear(self.lora_up.weight), {})]
+        host = conv_geometry(layer)
+        if self.lora_mid is None:
+            return [(_as_conv(self.lora_down.weight), host), (_as_conv(self.lora_up.weight), {})]
+        return [(_as_conv(self.lora_down.weight), {}), (self.lora_mid.weight, host), (_as_conv(self.lora_up.weight), {})]
+
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
+        (down, down_geo), *rest = self._factors(layer)
+        h = apply_weight(x, down.to(x.dtype), **down_geo)  # [B, (T,) r] or [B, r, H, W]
+        scale = self.scale
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, p=self.dropout)
+        if self.training and self.rank_dropout > 0:
+            channel_last = layer_kind(layer) == "linear"
+            mask = rank_dropout_mask(h.shape[0], self.rank, self.rank_dropout, h.dim() if channel_last else 4, h.device)
+            h = h * mask
+            scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller (kohya)
+        for weight, geometry in rest:
+            h = apply_weight(h, weight.to(x.dtype), **geometry)
+        return h * scale

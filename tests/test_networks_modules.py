@@ -1,0 +1,155 @@
+"""Adapter modules: properties over algorithm × layer kind × dtype (STYLE.md §11)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_lora.networks.base import conv_geometry
+from lib_lora.networks.functional import apply_weight
+from lib_lora.networks.lora import LoRAModule
+from lib_lora.networks.registry import module_from_tensors
+from test_networks_helpers import CASES, LAYERS, input_for, make_layer, random_tensors, reference_delta
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _adapter(variant, layer, seed=2):
+    return module_from_tensors("lora_unet_test", random_tensors(variant, layer, seed))
+
+
+@pytest.mark.parametrize("variant, kind", CASES)
+def test_delta_weight_equals_reference_math(variant, kind):
+    layer = make_layer(kind)
+    tensors = random_tensors(variant, layer)
+    module = module_from_tensors("lora_unet_test", tensors)
+    module.check_target(layer)
+    torch.testing.assert_close(module.delta_weight(layer.weight.shape), reference_delta(variant, tensors, layer))
+
+
+@pytest.mark.parametrize("variant, kind", CASES)
+def test_forward_delta_equals_delta_weight_applied(variant, kind):
+    layer = make_layer(kind)
+    module, x = _adapter(variant, layer), input_for(layer)
+    expected = apply_weight(x, module.delta_weight(layer.weight.shape), **conv_geometry(layer))
+    torch.testing.assert_close(module.forward_delta(x, layer), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, kind", CASES)
+def test_hooked_equals_merged_weight(variant, kind):
+    layer, merged = make_layer(kind), make_layer(kind)
+    module, x = _adapter(variant, layer), input_for(layer)
+    module.multiplier = 0.7
+    with torch.no_grad():
+        merged.weight += 0.7 * module.delta_weight(layer.weight.shape)
+    module.bind(layer)
+    module.apply_to()
+    assert (layer(x) - merged(x)).abs().max() < 1e-4
+    module.remove()
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_untrained_lora_leaves_output_identical(kind, dtype):
+    layer = make_layer(kind, dtype=dtype)
+    x = input_for(layer)
+    before = layer(x)
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=1.0)
+    assert module.lora_down.weight.abs().sum() > 0 and not module.lora_up.weight.any()
+    module.apply_to()
+    out = layer(x)
+    assert out.dtype == dtype and torch.equal(out, before)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_stays_fp32_on_a_low_precision_host(kind, dtype):
+    layer32 = make_layer(kind)
+    layer = make_layer(kind, dtype=dtype)
+    module = module_from_tensors("lora_unet_test", random_tensors("lora", layer))
+    module.bind(layer)
+    module.apply_to()
+    x = input_for(layer32)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype and module.lora_down.weight.dtype == torch.float32
+    expected = layer32(x) + apply_weight(x, module.delta_weight(layer32.weight.shape), **conv_geometry(layer32))
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_100_apply_remove_cycles_leave_the_layer_bit_identical(kind):
+    layer = make_layer(kind)
+    weight, x = layer.weight.clone(), input_for(layer)
+    before = layer(x)
+    module = _adapter("lora", layer)
+    module.bind(layer)
+    for _ in range(100):
+        module.apply_to()
+        module.apply_to()  # idempotent
+        module.remove()
+    assert torch.equal(layer.weight, weight) and not layer._forward_hooks
+    assert torch.equal(layer(x), before)
+
+
+def _trainable(kind, **dropouts):
+    layer = make_layer(kind)
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=2.0, **dropouts)
+    with torch.no_grad():
+        module.lora_up.weight.normal_()  # as if trained, so dropouts show
+    return layer, module
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("dropouts", [{"dropout": 0.5}, {"rank_dropout": 0.5}, {"module_dropout": 0.5}])
+def test_dropouts_act_only_in_training(kind, dropouts):
+    layer, module = _trainable(kind, **dropouts)
+    x = input_for(layer)
+    base = layer(x)
+    module.apply_to()
+    module.eval()
+    eval_out = layer(x)
+    expected = base + apply_weight(x, module.delta_weight(layer.weight.shape), **conv_geometry(layer))
+    torch.testing.assert_close(eval_out, expected, atol=1e-5, rtol=1e-5)
+    module.train()
+    torch.manual_seed(3)
+    train_outs = [layer(x) for _ in range(8)]
+    assert any(not torch.allclose(o, eval_out) for o in train_outs)
+
+
+def test_rank_dropout_rescales_kept_ranks():
+    layer, module = _trainable("linear", rank_dropout=0.5)
+    x = input_for(layer)
+    module.train()
+    torch.manual_seed(0)
+    out = module.forward_delta(x, layer)
+    torch.manual_seed(0)
+    mask = torch.rand(x.shape[0], 4) > 0.5  # the same draw as the module's
+    h = F.linear(x, module.lora_down.weight) * mask[:, None, :]
+    torch.testing.assert_close(out, F.linear(h, module.lora_up.weight) * module.scale / 0.5)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_gradients_reach_only_the_adapter(kind):
+    layer, module = _trainable(kind)
+    weight = layer.weight.clone()
+    module.apply_to()
+    module.train()
+    layer(input_for(layer)).square().mean().backward()
+    assert module.lora_up.weight.grad is not None and module.lora_up.weight.grad.abs().sum() > 0
+    assert module.lora_down.weight.grad.abs().sum() > 0
+    assert layer.weight.grad is None and torch.equal(layer.weight, weight)
+
+
+def test_host_state_dict_and_names_are_untouched():
+    layer = make_layer("conv3x3")
+    keys = list(layer.state_dict())
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=1.0)
+    module.apply_to()
+    assert list(layer.state_dict()) == keys and list(layer.named_children()) == []
+    assert set(module.state_dict()) == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert module.state_dict()["alpha"].shape == () and module.lora_down.weight.shape == (4, 12, 3, 3)
+    assert module.lora_up.weight.shape == (20, 4, 1, 1)
+
+
+def test_alpha_zero_means_rank():
+    module = LoRAModule.for_layer("lora_unet_test", make_layer("linear"), rank=8, alpha=0)
+    assert module.alpha_value == 8.0 and module.scale == 1.0
