@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from .demo.tiny import DEFAULT_CHECKPOINT
 from .models.samplers import SAMPLERS
+from .train.cli import add_train_command
 
 
 def _generate(args) -> None:
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=int, default=1)
     gen.add_argument("--out", type=Path, default=Path("out/generate.png"))
     gen.set_defaults(run=_generate)
+    add_train_command(commands)
     return parser
 
 

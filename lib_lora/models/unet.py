@@ -239,7 +239,7 @@ class UNetModel(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def _run(self, block, h, emb, context):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 

@@ -1,0 +1,61 @@
+"""The Host interface: everything the trainer needs from the model it trains on.
+
+Two implementations: `standalone.py` (our own models loaded from a checkpoint file) and
+`webui.py` (the webui's loaded `shared.sd_model`). The trainer sees only this interface.
+"""
+
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..models.pipeline import GenerationParams
+from ..models.schedule import NoiseSchedule
+
+
+class Host(ABC):
+    """A loaded SD model plus the places and signals that belong to where it runs.
+
+    Subclasses set the attributes in their constructor; the trainer reads them.
+    """
+
+    unet: nn.Module  # ldm UNetModel tree (module names as in ldm checkpoints)
+    text_encoder: nn.Module  # tree containing `text_model.encoder.layers...`
+    schedule: NoiseSchedule  # fp32 alphas_cumprod on the CPU, and eps|v
+    device: torch.device
+    dtype: torch.dtype  # dtype of the frozen weights
+    model_name: str  # base checkpoint name, for the file's ss_sd_model_name
+    sd_version: str  # "sd_v1" (kohya's ss_base_model_version)
+    lora_dir: Path  # where finished LoRAs go so the host's Lora support finds them
+    runs_dir: Path  # where run folders (state, samples, logs) go; never inside lora_dir
+
+    def __init__(self):
+        self._interrupt = threading.Event()
+
+    @abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] (posterior mean)."""
+
+    @abstractmethod
+    def encode_text(self, captions: list[str], clip_skip: int) -> torch.Tensor:
+        """Captions -> UNet context [B, T, D]; differentiable so text-encoder LoRA can learn."""
+
+    @abstractmethod
+    def generate(self, params: GenerationParams) -> list[Image.Image]:
+        """Sample images with the model as it is now (live LoRA hooks included)."""
+
+    def interrupt(self) -> None:
+        """Ask a running training to stop at the next step (it saves first)."""
+        self._interrupt.set()
+
+    def clear_interrupt(self) -> None:
+        self._interrupt.clear()
+
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+    def register_network(self, path: Path) -> None:
+        """Make a newly written LoRA usable at once (standalone: nothing to refresh)."""

@@ -1,0 +1,232 @@
+"""The one training configuration: every option, its kohya name and default, validated on construction.
+
+The CLI flags, the TOML run files, the tab's fields, presets and the saved metadata are all derived
+from this dataclass (`fields()` gives names, types, defaults and help). Where kohya's
+`train_network.py` has the same option, the name and default are kohya's; deviations say why.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp16", "bf16", "float")
+NETWORK_TYPES = ("lora", "locon")
+
+
+class ConfigError(ValueError):
+    """A training option that cannot work; the message names the field and what to do."""
+
+
+def _opt(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data
+    train_data_dir: str = _opt("", "folder of kohya-style N_name subfolders (N = repeats)")
+    reg_data_dir: str = _opt("", "regularization images folder, same layout (optional)")
+    trigger_words: str = _opt("", "comma-separated words put in front of every caption")
+    caption_extension: str = _opt(".txt", "sidecar caption file extension (.caption is also read)")
+    shuffle_caption: bool = _opt(False, "shuffle comma-separated tags each step")
+    keep_tokens: int = _opt(0, "leading tags never shuffled or dropped (trigger words count)")
+    caption_dropout_rate: float = _opt(0.0, "probability of training on an empty caption")
+    caption_tag_dropout_rate: float = _opt(0.0, "probability of dropping each non-kept tag")
+    resolution: tuple[int, int] = _opt((512, 512), "training size (width, height), multiples of 64")
+    enable_bucket: bool = _opt(False, "aspect-ratio bucketing")
+    min_bucket_reso: int = _opt(256, "smallest bucket side")
+    max_bucket_reso: int = _opt(1024, "largest bucket side")
+    bucket_no_upscale: bool = _opt(False, "never upscale small images into a bucket")
+    random_crop: bool = _opt(False, "random instead of center crop")
+    flip_aug: bool = _opt(False, "random horizontal flips")
+    cache_latents: bool = _opt(True, "encode each image once (not with random crop/flip, which change it per step)")
+    cache_latents_to_disk: bool = _opt(False, "keep the latent cache in the run folder between runs")
+    allow_unreadable_images: bool = _opt(False, "skip unreadable images (listed) instead of refusing to start")
+    prior_loss_weight: float = _opt(1.0, "loss weight of regularization images")
+    validation_split: float = _opt(0.0, "fraction of images held out for validation loss")
+    masked_loss: bool = _opt(False, "use the PNG alpha channel as the per-pixel loss weight")
+    # --- network
+    network_type: str = _opt("lora", "lora (attention, ff, proj) or locon (also 3x3 convs)", choices=NETWORK_TYPES)
+    network_dim: int = _opt(4, "rank of linear layers")
+    network_alpha: float = _opt(1.0, "alpha of linear layers; scale = alpha / dim")
+    conv_dim: int = _opt(4, "rank of 3x3 convs (locon only)")
+    conv_alpha: float = _opt(1.0, "alpha of 3x3 convs (locon only)")
+    network_dropout: float = _opt(0.0, "dropout on the LoRA hidden activations")
+    rank_dropout: float = _opt(0.0, "dropout of whole ranks")
+    module_dropout: float = _opt(0.0, "probability of skipping a whole module for a step")
+    network_train_unet_only: bool = _opt(False, "train the UNet only")
+    network_train_text_encoder_only: bool = _opt(False, "train the text encoder only")
+    # --- optimisation
+    max_train_epochs: int = _opt(1, "epochs; steps = images x repeats x epochs / batch / accumulation")
+    max_train_steps: int = _opt(0, "if > 0, stop after this many optimizer steps instead")
+    train_batch_size: int = _opt(1, "images per step")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    learning_rate: float = _opt(1e-4, "base learning rate (kohya's 2e-6 is for full fine-tuning, far too low for LoRA)")
+    unet_lr: float = _opt(0.0, "if > 0, the UNet's learning rate")
+    text_encoder_lr: float = _opt(0.0, "if > 0, the text encoder's learning rate")
+    optimizer_type: str = _opt("AdamW", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _opt(0.01, "decoupled weight decay (AdamW, Lion, Prodigy); L2 for SGD")
+    adam_beta1: float = _opt(0.9, "beta1 (AdamW, Lion, Prodigy)")
+    adam_beta2: float = _opt(0.999, "beta2 (AdamW, Lion 0.99 recommended, Prodigy)")
+    adam_epsilon: float = _opt(1e-8, "epsilon (AdamW, Prodigy)")
+    sgd_momentum: float = _opt(0.9, "momentum (SGD)")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule", choices=SCHEDULERS)
+    lr_warmup_steps: float = _opt(0, "warmup steps, or a fraction of all steps if < 1")
+    lr_scheduler_num_cycles: int = _opt(1, "restarts for cosine_with_restarts")
+    lr_scheduler_power: float = _opt(1.0, "power for polynomial")
+    mixed_precision: str = _opt("no", "autocast dtype on CUDA (fp16 uses loss scaling)", choices=PRECISIONS)
+    gradient_checkpointing: bool = _opt(False, "recompute UNet blocks in backward to save memory")
+    max_grad_norm: float = _opt(1.0, "clip gradients to this norm (0 = off)")
+    seed: int = _opt(42, "seed for noise, timesteps, shuffles and init (same seed, same result on CPU)")
+    # --- loss and noise
+    noise_offset: float = _opt(0.0, "add offset * N(0,1) per channel to the noise (darker/brighter images)")
+    multires_noise_iterations: int = _opt(0, "pyramid noise levels (0 = off)")
+    multires_noise_discount: float = _opt(0.3, "pyramid noise discount per level")
+    min_snr_gamma: float = _opt(0.0, "min-SNR-gamma loss weighting (0 = off; 5 is usual)")
+    clip_skip: int = _opt(1, "use the text encoder's N-th layer from the end")
+    min_timestep: int = _opt(0, "lowest timestep sampled")
+    max_timestep: int = _opt(1000, "highest timestep sampled (exclusive)")
+    # --- saving and samples
+    output_dir: str = _opt("", "folder for the LoRA files (default: the host's Lora folder)")
+    output_name: str = _opt("last", "file name stem of the LoRA")
+    save_every_n_epochs: int = _opt(0, "save <name>-<epoch>.safetensors every N epochs (0 = off)")
+    save_every_n_steps: int = _opt(0, "save <name>-step<step>.safetensors every N steps (0 = off)")
+    save_last_n_epochs: int = _opt(0, "keep only the last K intermediate saves (0 = keep all)")
+    save_precision: str = _opt("fp16", "dtype of the saved file", choices=SAVE_PRECISIONS)
+    overwrite: bool = _opt(False, "replace an existing LoRA of the same name")
+    sample_every_n_epochs: int = _opt(0, "render the sample prompts every N epochs (0 = off)")
+    sample_every_n_steps: int = _opt(0, "render the sample prompts every N steps (0 = off)")
+    sample_prompts: tuple[str, ...] = _opt((), "kohya prompt lines: 'prompt --n negative --s steps --l cfg --w W --h H --d seed'")
+    sample_sampler: str = _opt("euler", "sampler for samples")
+    training_comment: str = _opt("", "stored in the file's ss_training_comment")
+
+    def __post_init__(self):
+        for check in (_check_choices, _check_ranges, _check_resolution, _check_exclusive):
+            check(self)
+
+    @property
+    def effective_unet_lr(self) -> float:
+        return self.unet_lr or self.learning_rate
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr or self.learning_rate
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.network_train_text_encoder_only
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return not self.network_train_unet_only
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see `python -m lib_lora train --help`")
+        return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the TOML config: {e}") from e
+        flat = {}
+        for key, value in data.items():  # sections ([data], [network], ...) are only for reading comfort
+            flat.update(value if isinstance(value, dict) else {key: value})
+        return cls.from_dict(flat)
+
+    def to_toml(self) -> str:
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items())
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _coerce(f: dataclasses.Field, value):
+    """TOML/CLI values into the field's type: lists to tuples, ints to floats, with a named error."""
+    default = f.default
+    try:
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.replace("x", ",").split(",") if v.strip()] if f.name == "resolution" else [value]
+            items = tuple(value)
+            if f.name == "resolution":
+                sides = tuple(int(v) for v in items)
+                return sides * 2 if len(sides) == 1 else sides  # kohya: "512" means 512x512
+            return tuple(str(v) for v in items)
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        return type(default)(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{f.name}: cannot use {value!r} as {type(default).__name__}") from e
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _check_choices(c: TrainConfig) -> None:
+    for f in dataclasses.fields(c):
+        choices = f.metadata.get("choices")
+        if choices and getattr(c, f.name) not in choices:
+            raise ConfigError(f"{f.name}: {getattr(c, f.name)!r} is not one of {', '.join(choices)}")
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_epochs", "clip_skip")
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
+    if c.network_type == "locon" and c.conv_dim < 1:
+        raise ConfigError(f"conv_dim: must be at least 1 for locon, got {c.conv_dim}")
+    rates = ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout", "rank_dropout", "module_dropout", "validation_split")
+    for name in rates:
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise ConfigError(f"{name}: must be in [0, 1), got {getattr(c, name)}")
+    if c.learning_rate <= 0:
+        raise ConfigError(f"learning_rate: must be positive, got {c.learning_rate}")
+    if not 0 <= c.min_timestep < c.max_timestep <= 1000:
+        raise ConfigError(f"min_timestep/max_timestep: need 0 <= min < max <= 1000, got {c.min_timestep}, {c.max_timestep}")
+    if c.lr_warmup_steps < 0 or c.keep_tokens < 0 or c.max_train_steps < 0:
+        raise ConfigError("lr_warmup_steps, keep_tokens and max_train_steps cannot be negative")
+
+
+def _check_resolution(c: TrainConfig) -> None:
+    if len(c.resolution) != 2:
+        raise ConfigError(f"resolution: give width and height, got {c.resolution}")
+    for side in (*c.resolution, c.min_bucket_reso, c.max_bucket_reso):
+        if side <= 0 or side % 64:
+            raise ConfigError(f"resolution: {side} is not a positive multiple of 64 (sizes must be multiples of 64 px)")
+    if c.enable_bucket and not c.min_bucket_reso <= min(c.resolution) <= max(c.resolution) <= c.max_bucket_reso:
+        raise ConfigError(f"min_bucket_reso/max_bucket_reso: {c.min_bucket_reso}..{c.max_bucket_reso} must contain the resolution {c.resolution}")
+
+
+def _check_exclusive(c: TrainConfig) -> None:
+    if c.network_train_unet_only and c.network_train_text_encoder_only:
+        raise ConfigError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
+    if not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|'):
+        raise ConfigError(f"output_name: {c.output_name!r} must be a plain file name stem")

@@ -1,0 +1,130 @@
+"""From a config to what the loop consumes: scanned folders, buckets, per-epoch batches, tensors.
+
+This is the factory layer between `TrainConfig` and `lib_lora.data` (which takes plain arguments).
+"""
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.batches import Sample, StepMath, bucket_counts, epoch_samples, make_batches, step_math
+from ..data.buckets import BucketChoice, cover_size, make_buckets, select_bucket
+from ..data.cache import LatentCache
+from ..data.captions import build_caption
+from ..data.folders import DatasetScan, ImageItem, check_batch_size, scan_dataset
+from ..data.images import apply_fit, image_to_tensor, load_image, plan_fit, should_flip
+from ..data.split import split_validation
+from .config import TrainConfig
+
+
+@dataclass
+class TrainingData:
+    """The scanned dataset and the plan for every epoch."""
+
+    train: DatasetScan
+    reg: DatasetScan | None
+    validation: DatasetScan | None
+    samples: list[Sample]  # one epoch: train items x repeats (+ balanced reg)
+    steps: StepMath
+    buckets: list[tuple[int, int]] = field(default_factory=list)
+    validation_samples: list[Sample] = field(default_factory=list)
+    choices: dict[ImageItem, BucketChoice] = field(default_factory=dict)
+
+
+def _bucket_chooser(config: TrainConfig) -> tuple[Callable[[ImageItem], BucketChoice], list[tuple[int, int]]]:
+    """Each image's bucket and pre-crop size; without bucketing every image goes to the resolution."""
+    resolution = tuple(config.resolution)
+    if not config.enable_bucket:
+        return (lambda item: BucketChoice(resolution, cover_size(item.size, resolution), 0.0)), [resolution]
+    buckets = make_buckets(resolution, config.min_bucket_reso, config.max_bucket_reso, 64)
+    return (lambda item: select_bucket(item.size, buckets, no_upscale=config.bucket_no_upscale, resolution=resolution, step=64)), buckets
+
+
+def plan_training(config: TrainConfig) -> TrainingData:
+    """Scan folders, hold out validation images, assign buckets, and do the step math (shown to the user)."""
+    scan = partial(scan_dataset, caption_extension=config.caption_extension, allow_unreadable=config.allow_unreadable_images)
+    train = scan(Path(config.train_data_dir))
+    reg = scan(Path(config.reg_data_dir), is_reg=True) if config.reg_data_dir else None
+    validation = None
+    if config.validation_split > 0:
+        train, validation = split_validation(train, config.validation_split, config.seed)
+    choose, buckets = _bucket_chooser(config)
+    choices = {item: choose(item) for s in (train, reg, validation) if s for item in s.items()}
+    samples = epoch_samples(train, reg, lambda item: choices[item].bucket)
+    check_batch_size(len(samples), config.train_batch_size)
+    steps = step_math(
+        len(samples), config.max_train_epochs, config.train_batch_size, config.gradient_accumulation_steps, config.max_train_steps or None,
+        bucket_sizes=list(bucket_counts(samples).values()), num_images=train.num_images(),
+    )
+    held_out = [Sample(item, choices[item].bucket) for item in validation.items()] if validation else []
+    return TrainingData(train, reg, validation, samples, steps, buckets, held_out, choices)
+
+
+def epoch_batches(data: TrainingData, config: TrainConfig, epoch: int) -> list[list[Sample]]:
+    """The batches of one epoch; the order depends only on (seed, epoch), so a resumed run sees the same."""
+    return make_batches(data.samples, config.train_batch_size, random.Random(config.seed * 100_003 + epoch))
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, 4, h, w] fp32
+    captions: list[str]
+    is_reg: torch.Tensor  # [B] bool
+    masks: torch.Tensor | None  # [B, 1, h, w] or None
+
+
+class BatchEncoder:
+    """Samples -> latents (cached when the pixels are fixed) and captions (rebuilt every step, seeded)."""
+
+    def __init__(self, host, config: TrainConfig, choices: dict[ImageItem, BucketChoice], cache_dir: Path | None):
+        self.host, self.config, self.choices = host, config, choices
+        cacheable = config.cache_latents and not config.random_crop
+        self.cache = LatentCache(cache_dir, namespace=host.model_name) if cacheable else None
+
+    def caption(self, sample: Sample, rng: random.Random) -> str:
+        c = self.config
+        return build_caption(
+            sample.item.caption,
+            trigger_words="" if sample.item.is_reg else c.trigger_words,
+            shuffle=c.shuffle_caption,
+            keep_tokens=c.keep_tokens,
+            caption_dropout_rate=c.caption_dropout_rate,
+            tag_dropout_rate=c.caption_tag_dropout_rate,
+            rng=rng,
+        )
+
+    def latents(self, sample: Sample, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latent [4, h, w] and, with masked loss, the alpha mask [1, H, W] fitted the same way."""
+        flip = should_flip(self.config.flip_aug, rng)
+        resized = self.choices[sample.item].resized_size
+        plan = plan_fit(sample.item.size, sample.bucket, random_crop=self.config.random_crop, rng=rng, resized_size=resized)
+        key = self.cache.key_for(sample.item, sample.bucket, plan.crop_box, flip, resized) if self.cache else None
+        latent = self.cache.get(key) if key else None
+        if latent is not None and not self.config.masked_loss:
+            return latent, None  # a cache hit never opens the image
+        image, alpha = load_image(sample.item.path, with_alpha=self.config.masked_loss)
+        if latent is None:
+            with torch.no_grad():
+                latent = self.host.encode_pixels(image_to_tensor(apply_fit(image, plan, flip))[None])[0].float().cpu()
+            if key:
+                self.cache.put(key, latent)
+        if not self.config.masked_loss:
+            return latent, None
+        alpha = np.ones((image.height, image.width), np.float32) if alpha is None else alpha
+        mask = np.asarray(apply_fit(Image.fromarray(alpha), plan, flip), dtype=np.float32)
+        return latent, torch.from_numpy(mask.clip(0, 1))[None]
+
+    def encode(self, samples: list[Sample], rng: random.Random) -> Batch:
+        latents, masks = zip(*(self.latents(s, rng) for s in samples))
+        captions = [self.caption(s, rng) for s in samples]
+        latents = torch.stack(latents)
+        mask = None
+        if self.config.masked_loss:
+            mask = torch.nn.functional.interpolate(torch.stack(masks), size=latents.shape[-2:], mode="area")
+        return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask)

@@ -1,0 +1,103 @@
+"""A run folder: config.toml, loss.csv, samples/, and state.pt to resume from.
+
+Everything is written atomically (temp file + rename) so an interrupted or crashed run always
+leaves a state that loads.
+"""
+
+import csv
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+STATE_FILE, CONFIG_FILE, LOSS_FILE = "state.pt", "config.toml", "loss.csv"
+LOSS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "val_loss")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: optimizer steps done, epoch, and micro-batches done within that epoch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.samples = self.path / "samples"
+
+    @classmethod
+    def create(cls, path: Path, config: TrainConfig) -> "RunFolder":
+        """A new run; refuses a folder that already holds a run (resume it instead)."""
+        run = cls(path)
+        if (run.path / STATE_FILE).exists() or (run.path / LOSS_FILE).exists():
+            raise ConfigError(f"{run.path} already holds a run: resume it with --resume {run.path}, or choose another output_name")
+        run.samples.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.path / CONFIG_FILE, config.to_toml().encode())
+        with open(run.path / LOSS_FILE, "w", newline="") as f:
+            csv.writer(f).writerow(LOSS_COLUMNS)
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunFolder":
+        run = cls(path)
+        if not (run.path / CONFIG_FILE).exists():
+            raise ConfigError(f"{run.path}: not a run folder (no {CONFIG_FILE})")
+        return run
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_toml(self.path / CONFIG_FILE)
+
+    def log(self, row: dict) -> None:
+        with open(self.path / LOSS_FILE, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(c)) for c in LOSS_COLUMNS])
+
+    def truncate_log(self, global_step: int) -> None:
+        """Drop log rows past the saved state so a resumed run does not repeat them."""
+        rows = list(csv.reader(open(self.path / LOSS_FILE, newline="")))
+        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= global_step]
+        with open(self.path / LOSS_FILE, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    def save_state(self, progress: Progress, network, optimizer, data_rng: random.Random, noise_rng: torch.Generator) -> None:
+        state = {
+            "progress": progress.__dict__,
+            "network": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "data_rng": data_rng.getstate(),
+            "noise_rng": noise_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.path / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path / STATE_FILE)
+
+    def has_state(self) -> bool:
+        return (self.path / STATE_FILE).exists()
+
+    def load_state(self, network, optimizer, data_rng: random.Random, noise_rng: torch.Generator) -> Progress:
+        state = torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file, tuples in rng state
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        data_rng.setstate(state["data_rng"])
+        noise_rng.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return Progress(**state["progress"])
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,126 @@
+"""Writing the LoRA files of a run: intermediate saves, the final file, its card and metadata.
+
+Names follow kohya: `<name>-000004.safetensors` (epoch 4), `<name>-step00000500.safetensors`,
+`<name>.safetensors` at the end, all in the host's Lora folder so the webui lists them.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.batches import bucket_info
+from ..networks.files import save_lora, write_card
+from ..networks.metadata import training_metadata
+from .config import ConfigError, TrainConfig
+from .run_folder import Progress
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
+def lora_dir_for(config: TrainConfig, host) -> Path:
+    return Path(config.output_dir) if config.output_dir else Path(host.lora_dir)
+
+
+def check_output_free(config: TrainConfig, host) -> None:
+    """Refuse before training, not after it, when a LoRA of this name already exists."""
+    folder = lora_dir_for(config, host)
+    taken = [folder / f"{config.output_name}.safetensors", *folder.glob(f"{config.output_name}-*.safetensors")]
+    taken = [p for p in taken if p.exists()]
+    if taken and not config.overwrite:
+        raise ConfigError(f"output_name: {taken[0]} already exists; choose another output_name or set overwrite")
+
+
+class LoraSaver:
+    def __init__(self, config: TrainConfig, host, data, run):
+        self.config, self.host, self.data, self.run = config, host, data, run
+        self.folder = lora_dir_for(config, host)
+        self.started_at = time.time()
+        self.intermediates: list[Path] = []
+        self.last_path: Path | None = None
+
+    def metadata(self, network, progress: Progress) -> dict[str, str]:
+        c, data = self.config, self.data
+        tags = data.train.tag_frequency() | (data.reg.tag_frequency() if data.reg else {})
+        return training_metadata(
+            output_name=c.output_name,
+            network_dim=c.network_dim,
+            network_alpha=c.network_alpha,
+            network_args=network.network_args(),
+            base_model_version=self.host.sd_version,
+            v_parameterization=self.host.schedule.parameterization == "v",
+            sd_model_name=self.host.model_name,
+            resolution=tuple(c.resolution),
+            num_train_images=data.train.num_with_repeats(),
+            num_epochs=c.max_train_epochs,
+            learning_rate=c.learning_rate,
+            unet_lr=c.unet_lr or None,
+            text_encoder_lr=c.text_encoder_lr or None,
+            tag_frequency=tags,
+            training_comment=c.training_comment or None,
+            clip_skip=c.clip_skip,
+            steps=progress.global_step,
+            epoch=progress.epoch,
+            seed=c.seed,
+            training_started_at=self.started_at,
+            modelspec={"trigger_phrase": c.trigger_words} if c.trigger_words else None,
+            num_reg_images=data.reg.num_with_repeats() if data.reg else 0,
+            num_batches_per_epoch=data.steps.batches_per_epoch,
+            max_train_steps=data.steps.total_steps,
+            batch_size_per_device=c.train_batch_size,
+            total_batch_size=c.train_batch_size * c.gradient_accumulation_steps,
+            gradient_accumulation_steps=c.gradient_accumulation_steps,
+            gradient_checkpointing=c.gradient_checkpointing,
+            max_grad_norm=c.max_grad_norm,
+            optimizer=c.optimizer_type,
+            lr_scheduler=c.lr_scheduler,
+            lr_warmup_steps=c.lr_warmup_steps,
+            mixed_precision=c.mixed_precision,
+            noise_offset=c.noise_offset or None,
+            multires_noise_iterations=c.multires_noise_iterations or None,
+            multires_noise_discount=c.multires_noise_discount,
+            min_snr_gamma=c.min_snr_gamma or None,
+            prior_loss_weight=c.prior_loss_weight,
+            cache_latents=c.cache_latents,
+            shuffle_caption=c.shuffle_caption,
+            keep_tokens=c.keep_tokens,
+            caption_dropout_rate=c.caption_dropout_rate,
+            caption_tag_dropout_rate=c.caption_tag_dropout_rate,
+            flip_aug=c.flip_aug,
+            random_crop=c.random_crop,
+            enable_bucket=c.enable_bucket,
+            min_bucket_reso=c.min_bucket_reso,
+            max_bucket_reso=c.max_bucket_reso,
+            bucket_no_upscale=c.bucket_no_upscale,
+            bucket_info=bucket_info(data.samples),
+            dataset_dirs={s.directory.name: {"n_repeats": s.repeats, "img_count": len(s.items)} for s in data.train.subsets},
+        )
+
+    def _write(self, path: Path, network, progress: Progress) -> Path:
+        save_lora(path, network.state_dict(), self.metadata(network, progress), SAVE_DTYPES[self.config.save_precision], overwrite=True)
+        self.last_path = path
+        return path
+
+    def save_intermediate(self, network, progress: Progress, *, by_step: bool) -> Path:
+        """An epoch- or step-named save; keeps only the last K when save_last_n_epochs is set."""
+        suffix = f"step{progress.global_step:08d}" if by_step else f"{progress.epoch:06d}"
+        path = self._write(self.folder / f"{self.config.output_name}-{suffix}.safetensors", network, progress)
+        self.intermediates.append(path)
+        keep = self.config.save_last_n_epochs
+        while keep and len(self.intermediates) > keep:
+            self.intermediates.pop(0).unlink(missing_ok=True)
+        self.host.register_network(path)
+        return path
+
+    def save_final(self, network, progress: Progress) -> Path:
+        """`<name>.safetensors` plus the webui card (trigger words as activation text) and a preview."""
+        path = self._write(self.folder / f"{self.config.output_name}.safetensors", network, progress)
+        write_card(path, activation_text=self.config.trigger_words, preferred_weight=1.0, sd_version="SD1", preview=self._latest_sample())
+        self.host.register_network(path)
+        return path
+
+    def _latest_sample(self):
+        from PIL import Image
+
+        samples = sorted(self.run.samples.glob("*.png"), key=lambda p: p.stat().st_mtime)
+        return Image.open(samples[-1]) if samples else None

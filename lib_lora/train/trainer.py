@@ -1,0 +1,299 @@
+"""The training loop. Reads top to bottom: plan, network, optimizer, then epochs of steps.
+
+It talks only to the `Host` interface, so the same loop trains on the webui's loaded model and on
+a checkpoint file. Everything it does is reported through one callback of `TrainEvent`s, which
+the CLI progress bar, the tab and the tests subscribe to.
+"""
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..networks.network import make_network
+from .config import TrainConfig
+from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training
+from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
+from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
+from .run_folder import Progress, RunFolder
+from .saving import LoraSaver, check_output_free
+from .samples import parse_sample_prompt
+
+
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
+
+
+@dataclass
+class TrainEvent:
+    kind: str  # start | step | epoch | save | sample | validation | warning | done
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    paths: list[Path] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_path: Path | None
+    steps: int
+    interrupted: bool
+    last_loss: float | None
+
+
+def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] | None = None, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train a LoRA/LoCon on `host` as `config` says; resume=True continues the run in run_dir."""
+    emit = on_event or (lambda event: None)
+    data = plan_training(config)
+    run_dir = Path(run_dir or host.runs_dir / config.output_name)
+    if not resume:
+        check_output_free(config, host)
+    run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
+    emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
+    torch.manual_seed(config.seed)  # the LoRA down-projections' random init, and later dropout
+    network = make_network(
+        host.unet if config.train_unet else None,
+        host.text_encoder if config.train_text_encoder else None,
+        network_dim=config.network_dim,
+        network_alpha=config.network_alpha,
+        conv_dim=config.conv_dim if config.network_type == "locon" else None,
+        conv_alpha=config.conv_alpha if config.network_type == "locon" else None,
+        dropout=config.network_dropout,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        device=host.device,
+    )
+    host.clear_interrupt()
+    with network:  # hooks live only inside; removed even on errors
+        return _run(config, host, data, network, run, resume, emit)
+
+
+def _seeded_rngs(config: TrainConfig) -> tuple[random.Random, torch.Generator]:
+    """Data choices (captions, flips, crops) and noise/timesteps draw from their own seeded streams."""
+    return random.Random(config.seed), torch.Generator(device="cpu").manual_seed(config.seed)
+
+
+def _make_optimizer(config: TrainConfig, network):
+    groups = parameter_groups(network.unet_parameters(), network.text_encoder_parameters(), config.effective_unet_lr, config.effective_text_encoder_lr)
+    return make_optimizer(
+        groups,
+        optimizer_type=config.optimizer_type,
+        weight_decay=config.weight_decay,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        momentum=config.sgd_momentum,
+    )
+
+
+def _set_lr(optimizer, config: TrainConfig, step: int, total: int) -> float:
+    mult = lr_multiplier(
+        step,
+        scheduler=config.lr_scheduler,
+        total_steps=total,
+        warmup_steps=warmup_steps_for(config.lr_warmup_steps, total),
+        num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power,
+    )
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * mult
+    return optimizer.param_groups[0]["lr"]
+
+
+def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool, emit) -> TrainResult:
+    data_rng, noise_rng = _seeded_rngs(config)
+    optimizer = _make_optimizer(config, network)
+    progress = run.load_state(network, optimizer, data_rng, noise_rng) if resume and run.has_state() else Progress()
+    if resume:
+        run.truncate_log(progress.global_step)
+    saver = LoraSaver(config, host, data, run)
+    encoder = BatchEncoder(host, config, data.choices, run.path / "latents" if config.cache_latents_to_disk else None)
+    scaler = _grad_scaler(config, host)
+    text_cache = {} if _can_cache_text(config) else None
+    total = data.steps.total_steps
+    losses, last_loss, tick = deque(maxlen=50), None, time.perf_counter()
+    network.train()
+    while progress.global_step < total:
+        batches = epoch_batches(data, config, progress.epoch)
+        accumulate = config.gradient_accumulation_steps
+        for index in range(progress.batch_in_epoch, len(batches)):
+            batch = encoder.encode(batches[index], data_rng)
+            loss = _loss(config, host, network, batch, noise_rng, text_cache)
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"loss became {loss.item()} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path or 'no file yet'}. Lower the learning rate or use fp32/bf16.")
+            scaler.scale(loss / accumulate).backward()
+            progress.batch_in_epoch = index + 1
+            if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
+                continue
+            lr = _set_lr(optimizer, config, progress.global_step, total)
+            _optimizer_step(config, network, optimizer, scaler)
+            progress.global_step += 1
+            last_loss = loss.item()
+            losses.append(last_loss)
+            now = time.perf_counter()
+            event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, sum(losses) / len(losses), lr, 1 / max(now - tick, 1e-9))
+            tick = now
+            run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
+            emit(event)
+            _step_hooks(config, host, network, run, saver, progress, emit)
+            if host.interrupted():
+                return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=True)
+            if progress.global_step >= total:
+                break
+        if progress.batch_in_epoch >= len(batches):
+            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
+    return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=False)
+
+
+def _can_cache_text(config: TrainConfig) -> bool:
+    """Text-encoder outputs are reusable only if the encoder is frozen and captions never change."""
+    varying = config.shuffle_caption or config.caption_dropout_rate > 0 or config.caption_tag_dropout_rate > 0
+    return not config.train_text_encoder and not varying
+
+
+def _grad_scaler(config: TrainConfig, host):
+    enabled = config.mixed_precision == "fp16" and host.device.type == "cuda"
+    return torch.amp.GradScaler("cuda", enabled=enabled)
+
+
+def _autocast(config: TrainConfig, host):
+    if config.mixed_precision == "no" or host.device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16)
+
+
+def _encode_text(config, host, captions: list[str], text_cache: dict | None) -> torch.Tensor:
+    if text_cache is None:
+        return host.encode_text(captions, config.clip_skip)
+    missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+    if missing:
+        with torch.no_grad():
+            for caption, z in zip(missing, host.encode_text(missing, config.clip_skip)):
+                text_cache[caption] = z[None]
+    return _same_length_cat([text_cache[c] for c in captions])
+
+
+def _same_length_cat(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate contexts of different chunk counts by repeating their last chunk (rare: >75 tokens)."""
+    length = max(z.shape[1] for z in contexts)
+    return torch.cat([torch.cat([z] + [z[:, -77:]] * ((length - z.shape[1]) // 77), dim=1) for z in contexts])
+
+
+def _loss(config: TrainConfig, host, network, batch: Batch, noise_rng: torch.Generator, text_cache) -> torch.Tensor:
+    """One micro-batch: noise the latents at random timesteps, predict, weighted MSE against the target."""
+    latents = batch.latents.to(host.device)
+    noise = torch.randn(latents.shape, generator=noise_rng).to(host.device)
+    if config.noise_offset:
+        noise = offset_noise(noise, config.noise_offset, noise_rng)
+    if config.multires_noise_iterations:
+        noise = pyramid_noise(noise, config.multires_noise_iterations, config.multires_noise_discount, noise_rng)
+    timesteps = torch.randint(config.min_timestep, config.max_timestep, (latents.shape[0],), generator=noise_rng)
+    alphas = host.schedule.alphas_cumprod
+    noisy = add_noise(latents, noise, alphas.to(host.device), timesteps.to(host.device))
+    host.unet.gradient_checkpointing = config.gradient_checkpointing
+    with _autocast(config, host):
+        context = _encode_text(config, host, batch.captions, text_cache)
+        prediction = host.unet(noisy.to(host.dtype), timesteps.to(host.device), context.to(host.dtype))
+    target = training_target(latents, noise, alphas.to(host.device), timesteps.to(host.device), host.schedule.parameterization)
+    per_sample = masked_mse(prediction, target, None if batch.masks is None else batch.masks.to(host.device))
+    weights = torch.where(batch.is_reg, config.prior_loss_weight, 1.0).to(host.device)
+    if config.min_snr_gamma:
+        weights = weights * min_snr_weight(alphas, timesteps, config.min_snr_gamma, host.schedule.parameterization).to(host.device)
+    return (per_sample * weights).mean()
+
+
+def _optimizer_step(config: TrainConfig, network, optimizer, scaler) -> None:
+    if config.max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), config.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _step_hooks(config, host, network, run, saver, progress, emit) -> None:
+    step = progress.global_step
+    if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+        emit(TrainEvent("save", step, epoch=progress.epoch + 1, paths=[saver.save_intermediate(network, progress, by_step=True)]))
+    if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+        emit(TrainEvent("sample", step, epoch=progress.epoch + 1, paths=render_samples(config, host, network, run, f"s{step:06d}")))
+
+
+def _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit) -> None:
+    epoch, step = progress.epoch, progress.global_step
+    run.save_state(progress, network, optimizer, data_rng, noise_rng)
+    emit(TrainEvent("epoch", step, data.steps.total_steps, epoch))
+    if data.validation is not None:
+        val_loss = validation_loss(config, host, network, data)
+        run.log({"step": step, "epoch": epoch, "val_loss": val_loss})
+        emit(TrainEvent("validation", step, epoch=epoch, loss=val_loss))
+    is_last = step >= data.steps.total_steps
+    if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and not is_last:
+        emit(TrainEvent("save", step, epoch=epoch, paths=[saver.save_intermediate(network, progress, by_step=False)]))
+    if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0:
+        emit(TrainEvent("sample", step, epoch=epoch, paths=render_samples(config, host, network, run, f"e{epoch:04d}")))
+
+
+def _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, *, interrupted: bool) -> TrainResult:
+    """Save the resumable state and the LoRA (final, or a step-named one when interrupted)."""
+    run.save_state(progress, network, optimizer, data_rng, noise_rng)
+    path = saver.save_intermediate(network, progress, by_step=True) if interrupted else saver.save_final(network, progress)
+    emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
+    emit(TrainEvent("done", progress.global_step, epoch=progress.epoch, loss=last_loss, paths=[path], message="interrupted" if interrupted else "finished"))
+    return TrainResult(run.path, path, progress.global_step, interrupted, last_loss)
+
+
+@torch.no_grad()
+def validation_loss(config: TrainConfig, host, network, data: TrainingData) -> float:
+    """Mean loss over the held-out images at fixed timesteps and fixed noise, so epochs compare."""
+    network.eval()
+    try:
+        encoder = BatchEncoder(host, config.replace(flip_aug=False, random_crop=False), data.choices, None)
+        rng, noise_rng = random.Random(0), torch.Generator().manual_seed(0)
+        losses = []
+        for t in VALIDATION_TIMESTEPS:
+            for sample in data.validation_samples:
+                batch = encoder.encode([sample], rng)
+                latents = batch.latents.to(host.device)
+                noise = torch.randn(latents.shape, generator=noise_rng).to(host.device)
+                timesteps = torch.full((1,), t, device=host.device)
+                noisy = add_noise(latents, noise, host.schedule.alphas_cumprod.to(host.device), timesteps)
+                context = host.encode_text([batch.captions[0]], config.clip_skip)
+                prediction = host.unet(noisy.to(host.dtype), timesteps, context.to(host.dtype))
+                target = training_target(latents, noise, host.schedule.alphas_cumprod.to(host.device), timesteps, host.schedule.parameterization)
+                losses.append(masked_mse(prediction, target, None).item())
+        return sum(losses) / len(losses)
+    finally:
+        network.train()
+
+
+def render_samples(config: TrainConfig, host, network, run: RunFolder, tag: str) -> list[Path]:
+    """Render each sample prompt with the network as trained so far; files in the run's samples/."""
+    network.eval()
+    paths = []
+    try:
+        for i, line in enumerate(config.sample_prompts):
+            params = parse_sample_prompt(line, width=config.resolution[0], height=config.resolution[1], sampler=config.sample_sampler, clip_skip=config.clip_skip, default_seed=config.seed + i)
+            for j, image in enumerate(host.generate(params)):
+                path = run.samples / f"{tag}-{i:02d}-{j}.png"
+                image.save(path)
+                paths.append(path)
+    finally:
+        network.train()
+    return paths
