@@ -1,0 +1,200 @@
+"""The training loop on a tiny model on CPU: learning, schedules, optimizers, resume, interrupt, NaN."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lib_lora.demo.dataset import make_lora_dataset
+from lib_lora.hosts.standalone import StandaloneHost
+from lib_lora.networks.files import load_lora
+from lib_lora.train.config import ConfigError, TrainConfig
+from lib_lora.train.optim import lr_multiplier
+from lib_lora.train.trainer import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_lora_dataset(tmp_path_factory.mktemp("data"), concept="star", trigger="zkz", n_images=4, repeats=2, seed=0)
+
+
+@pytest.fixture
+def host(tiny_checkpoint_path, tmp_path):
+    return StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path, device="cpu")
+
+
+def config_for(dataset, **changes) -> TrainConfig:
+    base = dict(train_data_dir=str(dataset), resolution=(64, 64), train_batch_size=2, max_train_epochs=1, learning_rate=1e-3,
+                network_dim=4, network_alpha=4.0, output_name="t", seed=7)
+    return TrainConfig(**(base | changes))
+
+
+def collect(events):
+    return lambda event: events.append(event)
+
+
+def test_a_run_saves_a_lora_with_metadata_and_card(dataset, host):
+    events = []
+    result = train(config_for(dataset, trigger_words="zkz"), host, on_event=collect(events))
+    assert result.final_path == host.lora_dir / "t.safetensors" and result.steps == 4  # 4 images x 2 repeats / batch 2
+    lora = load_lora(result.final_path)
+    assert lora.metadata["ss_output_name"] == "t" and lora.metadata["ss_num_train_images"] == "8"
+    assert lora.metadata["ss_network_dim"] == "4" and lora.metadata["ss_base_model_version"] == "sd_v1"
+    tags = json.loads(lora.metadata["ss_tag_frequency"])
+    assert list(tags) == ["2_zkz"] and sum(tags["2_zkz"].values()) == 4  # one caption per image, repeats not counted
+    assert (host.lora_dir / "t.json").exists()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds.count("step") == 4 and kinds[-1] == "done"
+    assert "4 steps" in events[0].message or "= 4 optimizer steps" in events[0].message
+
+
+def test_twenty_steps_on_a_fixed_batch_lower_the_loss(dataset, host):
+    """One image, batch 1, 20 steps: the loss at the same image must fall (mean of last 5 < first 5)."""
+    config = config_for(dataset, train_batch_size=1, max_train_steps=20, max_train_epochs=20, learning_rate=3e-3, min_timestep=400, max_timestep=401)
+    losses = []
+    single = dataset.parent / "single"
+    make_lora_dataset(single, concept="star", trigger="zkz", n_images=1, repeats=1, seed=3)
+    train(config.replace(train_data_dir=str(single)), host, on_event=lambda e: e.kind == "step" and losses.append(e.loss))
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_existing_lora_is_never_overwritten_silently(dataset, host):
+    train(config_for(dataset), host)
+    with pytest.raises(ConfigError, match="already exists"):
+        train(config_for(dataset), host)
+
+
+def test_resume_after_interrupt_equals_an_uninterrupted_run(dataset, tiny_checkpoint_path, tmp_path):
+    config = config_for(dataset, max_train_epochs=3, save_every_n_epochs=1, network_dropout=0.1)
+    straight = train(config, StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / "a", device="cpu"))
+
+    host = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / "b", device="cpu")
+    stop_at = lambda e: e.kind == "step" and e.step == 5 and host.interrupt()  # mid-epoch 2
+    first = train(config, host, on_event=stop_at)
+    assert first.interrupted and first.steps == 5 and first.final_path.name == "t-step00000005.safetensors"
+    resumed = train(config, StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / "b", device="cpu"), run_dir=first.run_dir, resume=True)
+    assert not resumed.interrupted and resumed.steps == straight.steps == 12
+
+    a, b = load_file(straight.final_path), load_file(resumed.final_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    rows = (first.run_dir / "loss.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:] if r.split(",")[2]] == list(range(1, 13))  # no step logged twice
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_save(dataset, host):
+    calls = {"n": 0}
+    encode = host.encode_text
+
+    def poisoned(captions, clip_skip):
+        calls["n"] += 1
+        z = encode(captions, clip_skip)
+        return z * float("nan") if calls["n"] > 2 else z
+
+    host.encode_text = poisoned
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3.*t-step00000002\.safetensors"):
+        train(config_for(dataset, save_every_n_steps=2), host)
+    assert (host.lora_dir / "t-step00000002.safetensors").exists()
+    assert not (host.lora_dir / "t.safetensors").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "Lion", "Prodigy", "SGD"])
+def test_every_optimizer_trains(dataset, host, optimizer):
+    lr = 1.0 if optimizer == "Prodigy" else 1e-3
+    result = train(config_for(dataset, optimizer_type=optimizer, learning_rate=lr, output_name=optimizer), host)
+    weights = load_file(result.final_path)
+    ups = [v for k, v in weights.items() if k.endswith("lora_up.weight")]
+    assert any(v.abs().sum() > 0 for v in ups), "lora_up starts at zero; a working optimizer moves it"
+
+
+def test_adamw8bit_without_cuda_is_a_clear_error(dataset, host):
+    with pytest.raises(ConfigError, match="AdamW8bit"):
+        train(config_for(dataset, optimizer_type="AdamW8bit"), host)
+
+
+@pytest.mark.parametrize(
+    "scheduler,step,expected",
+    [
+        ("constant", 7, 1.0),
+        ("constant_with_warmup", 2, 0.5),  # warmup 4: 2/4
+        ("constant_with_warmup", 9, 1.0),
+        ("linear", 4, 1.0),
+        ("linear", 12, 0.5),  # (20-12)/(20-4)
+        ("cosine", 12, 0.5),  # half way through the decay
+        ("cosine", 20, 0.0),
+        ("cosine_with_restarts", 8, 0.5),  # 2 cycles of 8 steps: a quarter... progress 0.25*2=0.5 -> 0.5
+        ("cosine_with_restarts", 12, 1.0),  # restart
+        ("polynomial", 12, 0.25),  # power 2: (1 - 0.5)^2
+    ],
+)
+def test_schedulers_follow_their_formulas(scheduler, step, expected):
+    value = lr_multiplier(step, scheduler=scheduler, total_steps=20, warmup_steps=4, num_cycles=2, power=2.0)
+    assert value == pytest.approx(expected, abs=1e-9)
+
+
+def test_scheduler_drives_the_optimizer_lr(dataset, host):
+    lrs = []
+    train(config_for(dataset, max_train_epochs=2, lr_scheduler="linear", lr_warmup_steps=0.25), host, on_event=lambda e: e.kind == "step" and lrs.append(e.lr))
+    # 8 steps, warmup int(0.25 * 8) = 2: lr = 1e-3 * [0, 0.5, 1, 5/6, ...]
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert lrs[3] == pytest.approx(1e-3 * 5 / 6)
+
+
+def test_separate_unet_and_text_encoder_learning_rates(dataset, host):
+    from lib_lora.train import trainer
+
+    seen = {}
+    original = trainer._make_optimizer
+
+    def spy(config, network):
+        opt = original(config, network)
+        seen.update({g["name"]: g["lr"] for g in opt.param_groups})
+        return opt
+
+    trainer._make_optimizer = spy
+    try:
+        train(config_for(dataset, unet_lr=2e-4, text_encoder_lr=5e-5), host)
+    finally:
+        trainer._make_optimizer = original
+    assert seen == {"unet": 2e-4, "text_encoder": 5e-5}
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(resolution=(100, 64)), "multiple of 64"),
+        (dict(train_batch_size=0), "train_batch_size"),
+        (dict(network_train_unet_only=True, network_train_text_encoder_only=True), "choose at most one"),
+        (dict(lr_scheduler="exponential"), "lr_scheduler"),
+    ],
+)
+def test_bad_options_are_named(dataset, changes, match):
+    with pytest.raises(ConfigError, match=match):
+        config_for(dataset, **changes)
+
+
+def test_bad_dataset_inputs_are_clear_errors(tmp_path, host):
+    from lib_lora.data.errors import DatasetError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        train(config_for(empty), host)
+    zero = tmp_path / "zero"
+    make_lora_dataset(zero, n_images=2, repeats=1)
+    (zero / "1_zkz").rename(zero / "0_zkz")
+    with pytest.raises(DatasetError, match="repeats"):
+        train(config_for(zero), host)
+    few = make_lora_dataset(tmp_path / "few", n_images=2, repeats=1)
+    with pytest.raises(DatasetError, match="batch"):
+        train(config_for(few, train_batch_size=64), host)
+
+
+def test_masked_loss_and_noise_options_run(dataset, host):
+    config = config_for(dataset, masked_loss=True, noise_offset=0.1, multires_noise_iterations=3, min_snr_gamma=5.0, flip_aug=True, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)
+    result = train(config, host)
+    assert math.isfinite(result.last_loss)
