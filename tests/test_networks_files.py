@@ -16,6 +16,8 @@ from lib_lora.networks.files import load_lora, save_lora, write_card
 from lib_lora.networks.lora import LoRAModule
 from lib_lora.networks.metadata import training_metadata
 from lib_lora.networks.network import make_network
+from lib_lora.networks.targets import name_table
+from test_networks_helpers import one_thread  # noqa: F401 (fixture)
 
 Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 
@@ -121,9 +123,10 @@ def test_write_card(tmp_path):
 def kohya_by_hand(ckpt) -> dict[str, torch.Tensor]:
     """A kohya LoCon file's tensors written out by hand (not by our saver): q of a transformer, a 3×3 conv, TE fc1."""
     g = torch.Generator().manual_seed(9)
-    unet_q = ckpt.unet.input_blocks[4][1].transformer_blocks[0].attn1.to_q  # [64, 64]
-    conv = ckpt.unet.output_blocks[2][2].conv  # up_blocks.0 upsampler (tiny: with attention), [128, 128, 3, 3]
-    fc1 = ckpt.text_encoder.transformer.text_model.encoder.layers[1].mlp.fc1  # [512, 128]
+    table = name_table(ckpt.unet, ckpt.text_encoder)
+    unet_q = table[Q].layer  # [64, 64]
+    conv = table["lora_unet_up_blocks_0_upsamplers_0_conv"].layer  # [128, 128, 3, 3]
+    fc1 = table["lora_te_text_model_encoder_layers_1_mlp_fc1"].layer  # [512, 128]
     return {
         f"{Q}.lora_down.weight": torch.randn(8, unet_q.in_features, generator=g).half(),
         f"{Q}.lora_up.weight": torch.randn(unet_q.out_features, 8, generator=g).half(),

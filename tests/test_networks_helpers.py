@@ -4,10 +4,21 @@ No tests here; the property tests import these tables. Adapters are initialised 
 every property can fail.
 """
 
+import pytest
 import torch
 from torch import nn
 
 IN, OUT, RANK, ALPHA = 12, 20, 4, 2.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many small ops, where intra-op threads only cost hand-offs (30x slower on a busy
+    shared CPU). Import this fixture into a test module to run it on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 LAYERS = {
     "linear": lambda: nn.Linear(IN, OUT),

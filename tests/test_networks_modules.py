@@ -8,7 +8,7 @@ from lib_lora.networks.base import conv_geometry
 from lib_lora.networks.functional import apply_weight
 from lib_lora.networks.lora import LoRAModule
 from lib_lora.networks.registry import module_from_tensors
-from test_networks_helpers import CASES, LAYERS, input_for, make_layer, random_tensors, reference_delta
+from test_networks_helpers import CASES, LAYERS, input_for, make_layer, one_thread, random_tensors, reference_delta  # noqa: F401 (fixture)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

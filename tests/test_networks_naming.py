@@ -9,6 +9,7 @@ from lib_lora.models.unet import UNetModel
 from lib_lora.networks.errors import NamingError
 from lib_lora.networks.naming import block_id, ldm_to_diffusers, text_module_name, unet_module_name
 from lib_lora.networks.targets import name_table, text_targets, unet_targets
+from test_networks_helpers import one_thread  # noqa: F401 (fixture)
 
 # (LBW block, ldm path, diffusers path): every block of SD1.5, each kind of layer it holds at least once.
 SD15_TABLE = [

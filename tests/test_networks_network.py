@@ -11,6 +11,7 @@ from lib_lora.models.unet import UNetModel
 from lib_lora.networks.errors import NetworkConfigError
 from lib_lora.networks.files import load_lora, save_lora
 from lib_lora.networks.network import make_network
+from test_networks_helpers import one_thread  # noqa: F401 (fixture)
 
 
 @pytest.fixture

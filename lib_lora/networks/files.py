@@ -130,6 +130,8 @@ def lora_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         modules = {name: module_from_tensors(name, group) for name, group in group_by_module(tensors, source).items()}
     except LoraFormatError as e:
         raise LoraFormatError(f"{source}: {e}") from e
+    for module in modules.values():
+        module.eval()  # loaded for inference: no training-time dropouts
     return LoraFile(path, modules, dict(metadata or {}))
 
 

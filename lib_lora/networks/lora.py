@@ -105,7 +105,7 @@ class LoRAModule(AdapterModule):
     def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
         (down, down_geo), *rest = self._factors(layer)
-        h = apply_weight(x, down.to(x.dtype), **down_geo)  # [B, (T,) r] or [B, r, H, W]
+        h = apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo)  # [B, (T,) r] or [B, r, H, W]
         scale = self.scale
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
@@ -115,5 +115,5 @@ class LoRAModule(AdapterModule):
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller (kohya)
         for weight, geometry in rest:
-            h = apply_weight(h, weight.to(x.dtype), **geometry)
+            h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
         return h * scale

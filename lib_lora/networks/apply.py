@@ -1,0 +1,78 @@
+"""Generation with LoRAs in the standalone host: `<lora:name:w>` tags resolved in LoRA folders.
+
+Names resolve like the webui's (§3.1): a file stem anywhere under the folders (recursive;
+.safetensors, .pt, .ckpt), else the `ss_output_name` alias in a .safetensors header.
+"""
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from ..models.checkpoint import Checkpoint
+from ..models.pipeline import GenerationParams, generate
+from .errors import LoraNotFoundError
+from .files import LORA_SUFFIXES, load_lora
+from .patcher import ActiveLora, LoraPatcher
+from .prompt import LoraTag, extract_lora_tags
+
+__all__ = ["ActiveLora", "LoraPatcher", "extract_lora_tags", "find_lora_files", "resolve_lora", "generate_with_loras"]
+
+
+def find_lora_files(lora_dirs: Iterable[str | os.PathLike]) -> dict[str, Path]:
+    """Stem -> path of every LoRA file under the folders (a later duplicate stem wins, as in the webui)."""
+    found: dict[str, Path] = {}
+    for folder in lora_dirs:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise LoraNotFoundError(f"LoRA folder {folder} does not exist")
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in LORA_SUFFIXES and path.is_file() and not path.name.startswith("."):
+                found[path.stem] = path
+    return found
+
+
+def _alias(path: Path) -> str | None:
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("ss_output_name")
+    except (SafetensorError, OSError):
+        return None  # unreadable files fail with a clear error when loaded by stem
+
+
+def resolve_lora(name: str, files: dict[str, Path]) -> Path:
+    """The file a tag names: by stem, else by `ss_output_name`; else an error listing what exists."""
+    if name in files:
+        return files[name]
+    for path in files.values():
+        if _alias(path) == name:
+            return path
+    available = ", ".join(sorted(files)) or "none"
+    raise LoraNotFoundError(f"no LoRA named {name!r} in the LoRA folders; available: {available}")
+
+
+def load_tagged(tags: Sequence[LoraTag], lora_dirs: Iterable[str | os.PathLike]) -> list[ActiveLora]:
+    """Load each tagged file once (validated) and pair it with its tag's strengths."""
+    files = find_lora_files(lora_dirs) if tags else {}
+    loaded = {}
+    active = []
+    for tag in tags:
+        path = resolve_lora(tag.name, files)
+        if path not in loaded:
+            loaded[path] = load_lora(path)
+        active.append(ActiveLora.from_tag(loaded[path], tag))
+    return active
+
+
+def generate_with_loras(ckpt: Checkpoint, params: GenerationParams, lora_dirs: Iterable[str | os.PathLike] = (),
+                        mode: str = "merge", callback: Callable | None = None):
+    """`generate` with the prompt's `<lora:...>` tags applied (and cut from the prompt), then undone."""
+    prompt, tags = extract_lora_tags(params.prompt)
+    loras = load_tagged(tags, list(lora_dirs))
+    with LoraPatcher(ckpt.unet, ckpt.text_encoder, mode) as patcher:
+        patcher.apply(loras)
+        return generate(ckpt, replace(params, prompt=prompt), callback)
