@@ -58,6 +58,8 @@ class AdapterModule(nn.Module):
         self.module_dropout = 0.0
         self.__dict__["host"] = None  # not registered: the host's parameters stay out of our state dict
         self._handle: RemovableHandle | None = None
+        self._scale: float | None = None
+        self.register_load_state_dict_post_hook(self._forget_scale)
 
     # ---- math, per algorithm -------------------------------------------------------------------
     @property
@@ -72,7 +74,13 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return lora_scale(self.alpha_value, self.rank)
+        """alpha / rank, cached as a Python float: reading a CUDA alpha every forward would sync the GPU."""
+        if self._scale is None:
+            self._scale = lora_scale(self.alpha_value, self.rank)
+        return self._scale
+
+    def _forget_scale(self, *_) -> None:
+        self._scale = None  # load_state_dict may bring another alpha
 
     def delta_shape(self) -> tuple[int, int]:
         """(out, in·kh·kw) of ΔW as the tensors give it; checked against the target before applying."""
@@ -82,10 +90,10 @@ class AdapterModule(nn.Module):
         """scale·ΔW in the target weight's `shape` (strength not included), in the adapter's dtype."""
         raise NotImplementedError
 
-    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """scale·ΔW applied to `x` as the host layer would apply a weight (its conv stride/padding)."""
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
+        """strength·scale·ΔW applied to `x` as the host layer would apply a weight (its conv stride/padding)."""
         weight = self.delta_weight(layer.weight.shape).to(device=x.device, dtype=x.dtype)
-        return apply_weight(x, weight, **conv_geometry(layer))
+        return apply_weight(x, weight * strength if strength != 1.0 else weight, **conv_geometry(layer))
 
     @classmethod
     def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "AdapterModule":
@@ -168,5 +176,5 @@ class AdapterModule(nn.Module):
         if self.multiplier == 0 or self._dropped():
             return output
         # The host may be fp16/bf16; the adapter computes in its own (fp32) dtype, the sum is cast back.
-        delta = self.forward_delta(inputs[0].to(self.compute_dtype), layer)
-        return output + (delta * self.multiplier).to(output.dtype)
+        delta = self.forward_delta(inputs[0].to(self.compute_dtype), layer, self.multiplier)
+        return output + delta.to(output.dtype)

@@ -102,11 +102,15 @@ class LoRAModule(AdapterModule):
             return [(_as_conv(self.lora_down.weight), host), (_as_conv(self.lora_up.weight), {})]
         return [(_as_conv(self.lora_down.weight), {}), (self.lora_mid.weight, host), (_as_conv(self.lora_up.weight), {})]
 
-    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
+        """strength·scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval.
+
+        The scale multiplies the rank-r hidden activations, not the layer-wide output: on a CPU the
+        elementwise passes over full activations, not the thin matmuls, are what LoRA costs.
+        """
         (down, down_geo), *rest = self._factors(layer)
         h = apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo)  # [B, (T,) r] or [B, r, H, W]
-        scale = self.scale
+        scale = self.scale * strength
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
         if self.training and self.rank_dropout > 0:
@@ -114,6 +118,7 @@ class LoRAModule(AdapterModule):
             mask = rank_dropout_mask(h.shape[0], self.rank, self.rank_dropout, h.dim() if channel_last else 4, h.device)
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller (kohya)
+        h = h * scale
         for weight, geometry in rest:
             h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
-        return h * scale
+        return h

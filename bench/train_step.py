@@ -1,0 +1,88 @@
+"""Training step time against its floor, on a full-size random SD1.5 checkpoint.
+
+    python bench/train_step.py [--steps 8] [--size 256] [--rank 16] [--with-text-encoder]
+
+Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
+text-encoder outputs) is timed step by step from its own events; the floor is the frozen UNet's
+forward + backward with respect to its input only, the least any LoRA step can cost. Both run in
+this process on the same model; floor runs are taken before and after, and the median of each
+is compared. Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
+from lib_lora.models.sd15 import write_random_sd15  # noqa: E402
+from lib_lora.train.config import TrainConfig  # noqa: E402
+from lib_lora.train.trainer import train  # noqa: E402
+
+CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
+
+
+def floor_times(host, size: int, runs: int) -> list[float]:
+    """Forward + backward of the frozen UNet with respect to its input only."""
+    latent = size // 8
+    x = torch.randn(1, 4, latent, latent, device=host.device, dtype=host.dtype, requires_grad=True)
+    t = torch.tensor([500], device=host.device)
+    context = torch.randn(1, 77, 768, device=host.device, dtype=host.dtype)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        host.unet(x, t, context).float().square().mean().backward()
+        if host.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        x.grad = None
+    return times
+
+
+def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> list[float]:
+    """Per-step wall time of real training steps, from the trainer's own step events."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "data" / "1_bench"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (size, size), (200, 40, 40)).save(folder / "a.png")
+        (folder / "a.txt").write_text("a red square")
+        config = TrainConfig(
+            train_data_dir=str(folder.parent), resolution=(size, size), max_train_steps=steps, max_train_epochs=steps,
+            network_dim=rank, network_alpha=rank, network_train_unet_only=not with_text_encoder, output_dir=tmp,
+            output_name="bench", save_precision="fp16",
+        )
+        stamps = []
+        train(config, host, on_event=lambda e: e.kind == "step" and stamps.append(time.perf_counter()), run_dir=Path(tmp) / "run")
+    return [b - a for a, b in zip(stamps, stamps[1:])]  # step 1 also encodes the latent: left out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--with-text-encoder", action="store_true")
+    args = parser.parse_args()
+    if not CHECKPOINT.exists():
+        CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+        write_random_sd15(CHECKPOINT)
+    host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path(tempfile.mkdtemp()))
+    print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
+    floor = floor_times(host, args.size, 1 + args.steps // 2)[1:]  # first call warms up
+    ours = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder)
+    floor += floor_times(host, args.size, args.steps // 2)
+    f, o = statistics.median(floor), statistics.median(ours)
+    print(f"floor (UNet fwd+bwd wrt input), median of {len(floor)}: {f * 1000:.0f} ms")
+    print(f"trainer step, rank {args.rank}{' + text encoder' if args.with_text_encoder else ''}, median of {len(ours)}: {o * 1000:.0f} ms")
+    print(f"ratio trainer / floor: {o / f:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
