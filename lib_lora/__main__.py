@@ -15,7 +15,8 @@ def _generate(args) -> None:
     import torch
 
     from .models.checkpoint import load_checkpoint
-    from .models.pipeline import GenerationParams, generate
+    from .models.pipeline import GenerationParams
+    from .networks.apply import generate_with_loras
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     default_size = 64 if checkpoint == DEFAULT_CHECKPOINT else 512
@@ -33,12 +34,19 @@ def _generate(args) -> None:
     )
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     with tqdm(total=params.steps, desc="sampling", unit="step") as bar:
-        images = generate(ckpt, params, callback=lambda step, total: bar.update(1))
+        images = generate_with_loras(ckpt, params, args.lora_dir, args.lora_mode, callback=lambda step, total: bar.update(1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
         image.save(path)
         print(f"wrote {path}")
+
+
+def _demo(args) -> None:
+    from .demo.main_job import run_demo
+    from .train.cli import ProgressBar
+
+    run_demo(args.out_dir, concept=args.concept, on_event=ProgressBar())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--clip-skip", type=int, default=1)
     gen.add_argument("--out", type=Path, default=Path("out/generate.png"))
+    gen.add_argument("--lora-dir", type=Path, action="append", default=[],
+                     help="folder searched (recursively) for the files named by <lora:name:weight> in the prompt; repeatable")
+    gen.add_argument("--lora-mode", choices=("merge", "onthefly"), default="merge",
+                     help="merge LoRA deltas into the weights (default) or add them in each forward pass")
     gen.set_defaults(run=_generate)
     add_train_command(commands)
+    demo = commands.add_parser("demo", help="the main job: teach the embedded model a new concept, show before/after")
+    demo.add_argument("--out-dir", type=Path, default=Path("out"))
+    demo.add_argument("--concept", choices=("star", "purple"), default="star")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -276,3 +276,21 @@ def test_unknown_lora_name_lists_the_available(setup):
     ckpt, _, folder = setup
     with pytest.raises(LoraNotFoundError, match="'nope'.*available: charB, styleA, styleA16"):
         generate_with_loras(ckpt, _params("x <lora:nope:1>"), [folder])
+
+
+def test_cli_generate_with_lora_dir(tiny_checkpoint_path, tmp_path, capsys):
+    from lib_lora.__main__ import main
+    from lib_lora.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint_path)
+    folder = tmp_path / "loras"
+    save_lora(folder / "mine.safetensors", _trained_network(ckpt, 3).state_dict(), {})
+    common = ["generate", "--checkpoint", str(tiny_checkpoint_path), "--width", "64", "--height", "64", "--steps", "1"]
+    out = tmp_path / "x.png"
+    assert main([*common, "--prompt", "a <lora:mine:0.8> circle", "--lora-dir", str(folder), "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main([*common, "--prompt", "<lora:other:1>", "--lora-dir", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no LoRA named 'other'" in err and "available: mine" in err
+    assert main([*common, "--prompt", "<lora:mine:1>", "--out", str(out)]) == 2
+    assert "--lora-dir" in capsys.readouterr().err

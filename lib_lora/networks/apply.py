@@ -57,6 +57,9 @@ def resolve_lora(name: str, files: dict[str, Path]) -> Path:
 
 def load_tagged(tags: Sequence[LoraTag], lora_dirs: Iterable[str | os.PathLike]) -> list[ActiveLora]:
     """Load each tagged file once (validated) and pair it with its tag's strengths."""
+    lora_dirs = list(lora_dirs)
+    if tags and not lora_dirs:
+        raise LoraNotFoundError(f"the prompt uses <lora:{tags[0].name}:...> but no LoRA folder was given (--lora-dir)")
     files = find_lora_files(lora_dirs) if tags else {}
     loaded = {}
     active = []
