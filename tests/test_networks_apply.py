@@ -294,3 +294,29 @@ def test_cli_generate_with_lora_dir(tiny_checkpoint_path, tmp_path, capsys):
     assert "no LoRA named 'other'" in err and "available: mine" in err
     assert main([*common, "--prompt", "<lora:mine:1>", "--out", str(out)]) == 2
     assert "--lora-dir" in capsys.readouterr().err
+
+
+def test_lycoris_locon_file_with_tucker_and_extra_targets(tmp_path):
+    """LyCORIS's `full` preset also patches conv_in, conv_out and the time embedding; its Tucker LoCon has lora_mid."""
+    ckpt = random_tiny_checkpoint(seed=6)
+    table = name_table(ckpt.unet, ckpt.text_encoder)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name in ("lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1", "lora_unet_mid_block_resnets_0_conv2"):
+        out, inp, *k = table[name].layer.weight.shape
+        tucker = name.endswith("conv2")
+        down = torch.randn(2, inp, *([1, 1] if tucker else k), generator=g) * 0.1
+        tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": torch.randn(out, 2, *([1, 1] if k else []), generator=g) * 0.1,
+                    f"{name}.alpha": torch.tensor(1.0)}
+        if tucker:
+            tensors[f"{name}.lora_mid.weight"] = torch.randn(2, 2, *k, generator=g) * 0.1
+    path = tmp_path / "lycoris.pt"
+    torch.save(tensors, path)  # an old-style .pt file
+    lora = load_lora(path)
+    results = {}
+    for mode in ("merge", "onthefly"):
+        with LoraPatcher(ckpt.unet, ckpt.text_encoder, mode) as patcher:
+            assert len(patcher.apply([ActiveLora(lora)])) == 4
+            results[mode] = outputs(ckpt)[1]
+    assert (results["merge"] - results["onthefly"]).abs().max() < 1e-4
+    assert table["lora_unet_conv_in"].block == "IN00" and table["lora_unet_conv_out"].block is None

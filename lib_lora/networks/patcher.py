@@ -145,7 +145,7 @@ def _onthefly_hook(entries: Entries):
 
     def hook(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x = inputs[0].float()
-        delta = sum(multiplier * module.forward_delta(x, layer) for module, multiplier in entries)
+        delta = sum(module.forward_delta(x, layer, multiplier) for module, multiplier in entries)
         return output + delta.to(output.dtype)
 
     return hook

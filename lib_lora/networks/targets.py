@@ -8,6 +8,7 @@ ldm/Hugging Face class names, so the lists are ldm's: `SpatialTransformer` for p
 webui's `sd_model.model.diffusion_model` and `cond_stage_model` work as ours do.
 """
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .naming import TEXT_PREFIX_ALIASES, block_id, text_module_name, unet_ldm_mo
 UNET_TRANSFORMER_CLASSES = frozenset({"SpatialTransformer"})
 UNET_CONV_CLASSES = frozenset({"ResBlock", "Downsample", "Upsample"})
 TEXT_CLASSES = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"})
+_FIRST_DOWNSAMPLER = re.compile(r"(?:.*\.)?input_blocks\.(\d+)\.0\.op")
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,11 @@ def text_targets(text_encoder: nn.Module) -> list[Target]:
 
 
 def num_res_blocks_of(unet: nn.Module) -> int:
-    """Resnets per down level, from our UNet's config when it has one; 2 (SD1/SD2) otherwise."""
-    config = getattr(unet, "config", None)
-    return getattr(config, "num_res_blocks", 2)
+    """Resnets per down level R, read from the ldm tree: the first downsampler is input block R + 1."""
+    for path, _ in unet.named_modules():
+        if m := _FIRST_DOWNSAMPLER.fullmatch(path):
+            return int(m.group(1)) - 1
+    return 2  # a single-level UNet has no downsampler; SD1/SD2 have R = 2
 
 
 def name_table(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, Target]:
