@@ -49,12 +49,12 @@ def floor_times(host, size: int, runs: int) -> list[float]:
 def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> list[float]:
     """Per-step wall time of real training steps, from the trainer's own step events."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "data" / "1_bench"
+        folder = Path(tmp) / "data" / f"{steps}_bench"  # one epoch: no per-epoch state saves in the timing
         folder.mkdir(parents=True)
         Image.new("RGB", (size, size), (200, 40, 40)).save(folder / "a.png")
         (folder / "a.txt").write_text("a red square")
         config = TrainConfig(
-            train_data_dir=str(folder.parent), resolution=(size, size), max_train_steps=steps, max_train_epochs=steps,
+            train_data_dir=str(folder.parent), resolution=(size, size), max_train_epochs=1,
             network_dim=rank, network_alpha=rank, network_train_unet_only=not with_text_encoder, output_dir=tmp,
             output_name="bench", save_precision="fp16",
         )

@@ -128,3 +128,18 @@ class BatchEncoder:
         if self.config.masked_loss:
             mask = torch.nn.functional.interpolate(torch.stack(masks), size=latents.shape[-2:], mode="area")
         return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask)
+
+
+def plan_warnings(config: TrainConfig, data: TrainingData) -> list[str]:
+    """What the user should know before the run starts: skipped files, default captions, cache limits."""
+    notes = [*data.train.warnings, *(data.reg.warnings if data.reg else [])]
+    notes += [f"skipped unreadable file: {p}" for p in data.train.problems]
+    if config.cache_latents and config.random_crop:
+        notes.append("random_crop changes the pixels every step, so latents are encoded per step, not cached")
+    if not config.train_text_encoder and (config.shuffle_caption or config.caption_dropout_rate or config.caption_tag_dropout_rate):
+        notes.append("captions change every step (shuffle/dropout), so text-encoder outputs are encoded per step, not cached")
+    if config.optimizer_type == "Prodigy" and config.learning_rate < 0.1:
+        notes.append(f"Prodigy adapts the step size itself and expects learning_rate ~1.0; {config.learning_rate} will barely train")
+    if config.network_alpha > config.network_dim:
+        notes.append(f"network_alpha {config.network_alpha} > network_dim {config.network_dim}: scale > 1 amplifies the update")
+    return notes

@@ -18,7 +18,7 @@ import torch
 
 from ..networks.network import make_network
 from .config import TrainConfig
-from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training
+from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
 from .run_folder import Progress, RunFolder
@@ -65,6 +65,8 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         check_output_free(config, host)
     run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
+    for note in plan_warnings(config, data):
+        emit(TrainEvent("warning", message=note))
     torch.manual_seed(config.seed)  # the LoRA down-projections' random init, and later dropout
     network = make_network(
         host.unet if config.train_unet else None,
