@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .clip_text import TextConfig, TextEncoder
+from .tensor_files import read_tensor_file
 from .unet import UNetConfig, UNetModel
 from .vae import SD_LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -49,26 +49,11 @@ class Checkpoint:
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors or .ckpt file. .ckpt is read with weights_only=True."""
+    """Tensors and metadata of a .safetensors or .ckpt file (.ckpt read with weights_only=True)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
-    if path.suffix in (".ckpt", ".pt", ".pth"):
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for bad pickles; all mean the same to the user
-            raise CheckpointError(f"{path}: not a readable torch checkpoint (or it holds more than tensors): {e}") from e
-        data = data.get("state_dict", data) if isinstance(data, dict) else data
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{path}: holds no flat state dict of tensors")
-        return data, {}
-    raise CheckpointError(f"{path}: unsupported file type {path.suffix!r}; use .safetensors or .ckpt")
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise CheckpointError(f"{path}: unsupported file type {path.suffix!r}; use .safetensors or .ckpt")
+    return read_tensor_file(path, CheckpointError, "checkpoint")
 
 
 def _component(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

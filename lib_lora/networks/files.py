@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..models.tensor_files import read_tensor_file
 from .base import AdapterModule
 from .errors import LoraFormatError
 from .metadata import sshs_hashes
@@ -89,21 +89,7 @@ def save_lora(path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors (or weights-only .pt/.ckpt) LoRA file."""
-    if not path.is_file():
-        raise LoraFormatError(f"{path}: no such LoRA file")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise LoraFormatError(f"{path}: not a readable safetensors file (truncated or corrupted header?): {e}") from e
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad pickles; all mean the same to the user
-        raise LoraFormatError(f"{path}: not a readable torch file: {e}") from e
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise LoraFormatError(f"{path}: holds no flat dict of tensors")
-    return data, {}
+    return read_tensor_file(path, LoraFormatError, "LoRA")
 
 
 def group_by_module(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
