@@ -198,3 +198,19 @@ def test_masked_loss_and_noise_options_run(dataset, host):
     config = config_for(dataset, masked_loss=True, noise_offset=0.1, multires_noise_iterations=3, min_snr_gamma=5.0, flip_aug=True, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)
     result = train(config, host)
     assert math.isfinite(result.last_loss)
+
+
+def test_epoch_saves_keep_only_the_last_k(dataset, host):
+    train(config_for(dataset, max_train_epochs=4, save_every_n_epochs=1, save_last_n_epochs=2), host)
+    names = sorted(p.name for p in host.lora_dir.glob("*.safetensors"))
+    assert names == ["t-000002.safetensors", "t-000003.safetensors", "t.safetensors"]
+
+
+def test_training_leaves_the_host_rng_and_weights_untouched(dataset, host):
+    before = {k: v.clone() for k, v in host.unet.state_dict().items()}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(config_for(dataset), host)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(before[k], v) for k, v in host.unet.state_dict().items())

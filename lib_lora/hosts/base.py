@@ -47,6 +47,10 @@ class Host(ABC):
     def generate(self, params: GenerationParams) -> list[Image.Image]:
         """Sample images with the model as it is now (live LoRA hooks included)."""
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute UNet blocks in backward (our UNetModel's switch; hosts with other models override)."""
+        self.unet.gradient_checkpointing = enabled
+
     def interrupt(self) -> None:
         """Ask a running training to stop at the next step (it saves first)."""
         self._interrupt.set()

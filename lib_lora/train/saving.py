@@ -4,6 +4,7 @@ Names follow kohya: `<name>-000004.safetensors` (epoch 4), `<name>-step00000500.
 `<name>.safetensors` at the end, all in the host's Lora folder so the webui lists them.
 """
 
+import re
 import time
 from pathlib import Path
 
@@ -36,7 +37,6 @@ class LoraSaver:
         self.config, self.host, self.data, self.run = config, host, data, run
         self.folder = lora_dir_for(config, host)
         self.started_at = time.time()
-        self.intermediates: list[Path] = []
         self.last_path: Path | None = None
 
     def metadata(self, network, progress: Progress) -> dict[str, str]:
@@ -105,12 +105,19 @@ class LoraSaver:
         """An epoch- or step-named save; keeps only the last K when save_last_n_epochs is set."""
         suffix = f"step{progress.global_step:08d}" if by_step else f"{progress.epoch:06d}"
         path = self._write(self.folder / f"{self.config.output_name}-{suffix}.safetensors", network, progress)
-        self.intermediates.append(path)
-        keep = self.config.save_last_n_epochs
-        while keep and len(self.intermediates) > keep:
-            self.intermediates.pop(0).unlink(missing_ok=True)
+        self._keep_last(self.config.save_last_n_epochs)
         self.host.register_network(path)
         return path
+
+    def intermediate_files(self) -> list[Path]:
+        """This run's epoch/step files, oldest first (a resumed run sees the ones written before too)."""
+        pattern = re.compile(re.escape(self.config.output_name) + r"-(\d{6}|step\d{8})\.safetensors")
+        return sorted((p for p in self.folder.glob("*.safetensors") if pattern.fullmatch(p.name)), key=lambda p: p.stat().st_mtime_ns)
+
+    def _keep_last(self, keep: int) -> None:
+        files = self.intermediate_files()
+        for old in files[: -keep] if keep else []:
+            old.unlink(missing_ok=True)
 
     def save_final(self, network, progress: Progress) -> Path:
         """`<name>.safetensors` plus the webui card (trigger words as activation text) and a preview."""

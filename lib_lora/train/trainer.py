@@ -67,6 +67,7 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
     for note in plan_warnings(config, data):
         emit(TrainEvent("warning", message=note))
+    outer_rng = torch.get_rng_state()  # the host's own random stream is given back untouched
     torch.manual_seed(config.seed)  # the LoRA down-projections' random init, and later dropout
     network = make_network(
         host.unet if config.train_unet else None,
@@ -81,8 +82,13 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         device=host.device,
     )
     host.clear_interrupt()
-    with network:  # hooks live only inside; removed even on errors
-        return _run(config, host, data, network, run, resume, emit)
+    host.set_gradient_checkpointing(config.gradient_checkpointing)
+    try:
+        with network:  # hooks live only inside; removed even on errors
+            return _run(config, host, data, network, run, resume, emit)
+    finally:
+        host.set_gradient_checkpointing(False)
+        torch.set_rng_state(outer_rng)
 
 
 def _seeded_rngs(config: TrainConfig) -> tuple[random.Random, torch.Generator]:
@@ -170,7 +176,8 @@ def _can_cache_text(config: TrainConfig) -> bool:
 
 
 def _grad_scaler(config: TrainConfig, host):
-    enabled = config.mixed_precision == "fp16" and host.device.type == "cuda"
+    """Loss scaling whenever fp16 is in the backward pass: fp16 autocast, or a host whose weights are fp16."""
+    enabled = host.device.type == "cuda" and (config.mixed_precision == "fp16" or host.dtype == torch.float16)
     return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
@@ -208,7 +215,6 @@ def _loss(config: TrainConfig, host, network, batch: Batch, noise_rng: torch.Gen
     timesteps = torch.randint(config.min_timestep, config.max_timestep, (latents.shape[0],), generator=noise_rng)
     alphas = host.schedule.alphas_cumprod
     noisy = add_noise(latents, noise, alphas.to(host.device), timesteps.to(host.device))
-    host.unet.gradient_checkpointing = config.gradient_checkpointing
     with _autocast(config, host):
         context = _encode_text(config, host, batch.captions, text_cache)
         prediction = host.unet(noisy.to(host.dtype), timesteps.to(host.device), context.to(host.dtype))
