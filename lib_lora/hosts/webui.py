@@ -1,0 +1,467 @@
+"""The webui host: train on AUTOMATIC1111's loaded `shared.sd_model` (v1.10), in place, with hooks.
+
+    with open_webui_host(config) as host:      # holds call_queue.queue_lock for the whole run
+        train(config, host, on_event=host.track(on_event))
+
+`open_webui_host` refuses what cannot work (Forge, SD2/SDXL/SD3 for now, inpainting/edit models,
+fp8, --lowvram, text-encoder training under --medvram, a TensorRT-style SD UNet) with a
+`WebuiHostError` the tab can show, then puts the model in a trainable, clean state and gives every
+change back on exit: the built-in Lora extension's merged weights are restored and its
+`loaded_networks` cleared, hypernetworks unloaded, cross-attention optimizations undone unless
+"Use cross attention optimizations while training" is set (as the webui's own TI training does),
+ldm's reentrant block checkpointing switched off (it drops the grads of hooked adapters), and
+`requires_grad` cleared on the base weights. Progress goes to `shared.state`; Interrupt is honoured.
+References are to webui-integration.md (facts 1-10, §2.x).
+
+`modules.*` is imported lazily, inside functions only, so `import lib_lora` works without the webui.
+"""
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.pipeline import GenerationParams
+from ..models.schedule import NoiseSchedule
+from .base import Host
+
+SETTINGS_SECTION = ("train_lora", "Train LoRA")
+SETTINGS_CATEGORY = "training"  # shown under Settings > Training
+MEDVRAM_POLICIES = ("Train the UNet only", "Refuse")
+JOB = "train-lora"
+_SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}  # lib_lora sampler names -> the webui's
+_CHECKPOINT_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})  # what sd_hijack_checkpoint wraps
+_FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+
+_active: "WebuiHost | None" = None  # the host of the running session, for on_script_unloaded
+
+
+class WebuiHostError(RuntimeError):
+    """The webui's loaded model or setup cannot be trained on; the message says why and what to do."""
+
+
+def _shared():
+    from modules import shared
+
+    return shared
+
+
+def _lora_extension():
+    """The built-in Lora extension's `networks` module (A1111), or None when it is disabled (fact 6)."""
+    networks = sys.modules.get("networks")
+    return networks if hasattr(networks, "loaded_networks") and hasattr(networks, "list_available_networks") else None
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+
+def check_trainable(sd_model, *, train_text_encoder: bool = True) -> None:
+    """Raise WebuiHostError naming the first reason this model cannot be trained here (§2.1, §2.8)."""
+    shared = _shared()
+    if sd_model is None:
+        raise WebuiHostError("No Stable Diffusion checkpoint is loaded. Select one at the top of the page, wait for it to load, then train.")
+    if hasattr(sd_model, "forge_objects"):
+        raise WebuiHostError("Stable Diffusion WebUI Forge is not supported yet: Train LoRA needs AUTOMATIC1111's webui (v1.10). Use `python -m lib_lora train` meanwhile.")
+    kind = _model_kind(sd_model)
+    if kind != "SD1":
+        raise WebuiHostError(f"The loaded checkpoint is {kind}; Train LoRA supports SD1.x checkpoints for now. Load an SD1.5-based model to train.")
+    if getattr(sd_model.model, "conditioning_key", "crossattn") in ("hybrid", "concat") or getattr(sd_model, "cond_stage_key", "txt") == "edit":
+        raise WebuiHostError("The loaded checkpoint is an inpainting or instruct-pix2pix model; train on its base model instead.")
+    if getattr(shared.cmd_opts, "lowvram", False):
+        raise WebuiHostError("Training is not possible with --lowvram (the webui moves each UNet block between devices). Restart without --lowvram, or with --medvram.")
+    medvram = getattr(sd_model, "lowvram", False)  # set by lowvram.apply for --medvram (and --lowvram, refused above)
+    if medvram and shared.opts.data.get("train_lora_medvram_policy", MEDVRAM_POLICIES[0]) == "Refuse":
+        raise WebuiHostError("Training under --medvram is switched off in Settings > Train LoRA. Restart without --medvram, or allow UNet-only training there.")
+    if medvram and train_text_encoder:
+        raise WebuiHostError("Under --medvram only the UNet can be trained (the text encoder moves between devices). Choose UNet only, or restart without --medvram.")
+    _check_weights(sd_model)
+
+
+def _model_kind(sd_model) -> str:
+    if getattr(sd_model, "is_sd3", False):
+        return "SD3"
+    if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_ssd", False) or hasattr(sd_model, "conditioner"):
+        return "SDXL"
+    if getattr(sd_model, "is_sd2", False) or hasattr(sd_model.cond_stage_model, "model"):  # SD2: open_clip's `.model`
+        return "SD2"
+    return "SD1"
+
+
+def _check_weights(sd_model) -> None:
+    from modules import devices, sd_unet
+
+    if sd_unet.current_unet is not None:
+        raise WebuiHostError("An alternative SD UNet (e.g. TensorRT) is active and bypasses the PyTorch UNet; set Settings > SD Unet to None to train.")
+    weight = next(sd_model.model.diffusion_model.parameters())
+    if getattr(devices, "fp8", False) or weight.dtype in _FP8:
+        raise WebuiHostError("FP8 weight storage is on; set Settings > Optimizations > FP8 weight to Disable (the model reloads), then train.")
+
+
+# ---- the host ----------------------------------------------------------------------------------
+
+
+class WebuiHost(Host):
+    """`shared.sd_model` as a Host. Build it through `open_webui_host`, which prepares and restores the model."""
+
+    def __init__(self, sd_model, *, lora_dir: Path, runs_dir: Path):
+        super().__init__()
+        from modules import devices
+
+        self.sd_model = sd_model
+        self.unet = sd_model.model.diffusion_model
+        self.text_encoder = sd_model.cond_stage_model.wrapped.transformer  # HF CLIPTextModel: `text_model.encoder.layers...`
+        alphas = getattr(sd_model, "alphas_cumprod_original", None)  # fp32 copy; alphas_cumprod may be downcast (§2.6)
+        alphas = sd_model.alphas_cumprod if alphas is None else alphas
+        self.schedule = NoiseSchedule(alphas.detach().float().cpu(), getattr(sd_model, "parameterization", "eps"))
+        self.device = torch.device(devices.device)
+        self.dtype = next(self.unet.parameters()).dtype
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.model_name = getattr(info, "model_name", None) or "unknown"
+        self.sd_version = "sd_v1"
+        self.lora_dir, self.runs_dir = Path(lora_dir), Path(runs_dir)
+        self._checkpointed: list[nn.Module] = []
+        self._progress = (0, 0, "")  # job_count, job_no, textinfo of the training, restored after previews
+
+    # -- model access (Host interface)
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The webui's VAE path (§2.5) with the posterior mean, not a sample, as the Host contract says."""
+        from modules import devices
+
+        m = self.sd_model
+        posterior = m.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
+        mean = posterior.mode() if hasattr(posterior, "mode") else posterior
+        return m.get_first_stage_encoding(mean).float()  # a tensor in: scale_factor * mean
+
+    def encode_text(self, captions: list[str], clip_skip: int) -> torch.Tensor:
+        """The webui's own conditioning (chunking, emphasis, TI embeddings) with `clip_skip` applied.
+
+        `cond_stage_model` is `FrozenCLIPEmbedderWithCustomWords`; nothing on its forward path runs
+        under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the global
+        `opts.CLIP_stop_at_last_layers`, set for this call only.
+        """
+        opts = _shared().opts
+        saved = opts.data.get("CLIP_stop_at_last_layers", 1)
+        opts.data["CLIP_stop_at_last_layers"] = clip_skip
+        try:
+            return self.sd_model.cond_stage_model(list(captions))
+        finally:
+            opts.data["CLIP_stop_at_last_layers"] = saved
+
+    def generate(self, params: GenerationParams):
+        """Samples through `processing.process_images`, with the training adapters live (their hooks fire)."""
+        from modules import processing
+
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=self.sd_model, prompt=params.prompt, negative_prompt=params.negative_prompt, steps=params.steps,
+            cfg_scale=params.cfg_scale, seed=params.seed, width=params.width, height=params.height, batch_size=params.batch_size,
+            sampler_name=_SAMPLERS.get(params.sampler, params.sampler), do_not_save_grid=True, do_not_save_samples=True,
+            do_not_reload_embeddings=True, override_settings=self._sample_settings(params), override_settings_restore_afterwards=True,
+        )
+        try:
+            with closing(p):
+                processed = processing.process_images(p)
+        finally:
+            clear_loaded_networks(self.sd_model)  # a <lora:...> in a sample prompt merged weights (§2.10)
+            self._show_progress()
+        images = list(processed.images[processed.index_of_first_image:])
+        if images:
+            _shared().state.assign_current_image(images[0])
+        return images
+
+    def _sample_settings(self, params: GenerationParams) -> dict:
+        settings = {"CLIP_stop_at_last_layers": params.clip_skip}
+        info = getattr(self.sd_model, "sd_checkpoint_info", None)
+        if info is not None:  # pin the loaded checkpoint: process_images would otherwise load the selected one
+            settings["sd_model_checkpoint"] = info.title
+        return settings
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute ResBlocks and transformer blocks in backward, non-reentrant (fact 7), per instance.
+
+        The wrapper calls the block's class `forward` at call time, so the webui's own class patches
+        stay in effect; it only checkpoints when grad is on, so previews run as usual.
+        """
+        self._remove_checkpointing()
+        if not enabled:
+            return
+        for block in self.unet.modules():
+            if type(block).__name__ in _CHECKPOINT_BLOCKS:
+                block.forward = _checkpointed_forward(block)
+                self._checkpointed.append(block)
+
+    def _remove_checkpointing(self) -> None:
+        while self._checkpointed:
+            del self._checkpointed.pop().forward  # the instance attribute; the class forward shows again
+
+    # -- progress, interrupt, registration
+    def interrupted(self) -> bool:
+        return super().interrupted() or bool(_shared().state.interrupted)
+
+    def clear_interrupt(self) -> None:
+        super().clear_interrupt()
+        _shared().state.interrupted = False
+
+    def track(self, on_event: Callable | None = None) -> Callable:
+        """An on_event for `train()` that shows progress in the webui's bar and passes each event on."""
+
+        def handle(event) -> None:
+            self.report(event)
+            if on_event is not None:
+                on_event(event)
+
+        return handle
+
+    def report(self, event) -> None:
+        """Mirror a TrainEvent into `shared.state` (job_count = steps, job_no = step, one-line textinfo)."""
+        count, step, text = self._progress
+        if event.kind == "start":
+            count, step, text = event.total_steps, 0, f"Training LoRA: {event.total_steps} steps"
+        elif event.kind == "step":
+            count, step = event.total_steps or count, event.step
+            text = f"Training LoRA: step {event.step}/{count}, epoch {event.epoch}, loss {event.avg_loss:.4f}"
+        elif event.kind in ("save", "sample", "done") and event.paths:
+            text = f"Training LoRA: step {event.step}/{count}, {event.kind}: {Path(event.paths[-1]).name}"
+        self._progress = (count, step, text)
+        self._show_progress()
+
+    def _show_progress(self) -> None:
+        state = _shared().state
+        state.job_count, state.job_no, state.textinfo = self._progress
+        state.sampling_step, state.sampling_steps = 0, 0
+
+    def register_network(self, path: Path) -> None:
+        """Rescan the Lora folder so the cards and `<lora:name:w>` know the file now (§3.1, §3.6).
+
+        The extra-networks cards still need the page's refresh buttons clicked (fact 10); the tab does that.
+        """
+        networks = _lora_extension()
+        if networks is not None:
+            networks.list_available_networks()
+
+
+def _checkpointed_forward(block: nn.Module) -> Callable:
+    forward = type(block).forward
+
+    def checkpointed(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+        return forward(block, *args, **kwargs)
+
+    return checkpointed
+
+
+# ---- preparing and restoring the webui's state -------------------------------------------------
+
+
+def clear_loaded_networks(sd_model) -> None:
+    """Unmerge the Lora extension's networks: restore each backed-up weight and forget what was applied (fact 6)."""
+    networks = _lora_extension()
+    if networks is None:
+        return
+    networks.loaded_networks.clear()
+    for module in sd_model.modules():
+        if getattr(module, "network_weights_backup", None) is not None or getattr(module, "network_bias_backup", None) is not None:
+            networks.network_restore_weights_from_backup(module)
+        if hasattr(module, "network_current_names"):
+            module.network_current_names = ()
+
+
+@contextmanager
+def _unloaded_hypernetworks() -> Iterator[None]:
+    shared = _shared()
+    saved = list(shared.loaded_hypernetworks)
+    shared.loaded_hypernetworks.clear()  # every optimized attention forward applies them (§2.9)
+    try:
+        yield
+    finally:
+        shared.loaded_hypernetworks[:] = saved
+
+
+@contextmanager
+def _training_attention() -> Iterator[None]:
+    """As modules/textual_inversion/ui.py: undo the optimizations unless the user keeps them for training."""
+    from modules import sd_hijack
+
+    if _shared().opts.data.get("training_xattention_optimizations", False):
+        yield
+        return
+    sd_hijack.undo_optimizations()
+    try:
+        yield
+    finally:
+        sd_hijack.apply_optimizations()
+
+
+@contextmanager
+def _frozen(sd_model, unet: nn.Module) -> Iterator[None]:
+    """requires_grad off on every base weight and ldm's reentrant checkpoint flags off; both restored."""
+    grads = [(p, p.requires_grad) for p in sd_model.parameters()]
+    flags = [(m, name) for m in unet.modules() for name in ("checkpoint", "use_checkpoint") if getattr(m, name, None) is True]
+    had_attribute = "gradient_checkpointing" in vars(unet)
+    for p, _ in grads:
+        p.requires_grad_(False)
+    for m, name in flags:
+        setattr(m, name, False)  # ldm's CheckpointFunction only differentiates w.r.t. the block's own parameters
+    try:
+        yield
+    finally:
+        for m, name in flags:
+            setattr(m, name, True)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        if not had_attribute:
+            vars(unet).pop("gradient_checkpointing", None)  # older trainers set it on the UNet itself
+
+
+@contextmanager
+def _medvram_unet(sd_model) -> Iterator[None]:
+    """Under --medvram, run the webui's move-to-GPU hook of `sd_model.model` when we call its UNet directly (§2.8)."""
+    if not getattr(sd_model, "lowvram", False):
+        yield
+        return
+    wrapper = sd_model.model
+
+    def to_gpu(module, args):
+        for hook in list(wrapper._forward_pre_hooks.values()):  # lowvram's send_me_to_gpu is not importable
+            hook(wrapper, ())
+
+    handle = wrapper.diffusion_model.register_forward_pre_hook(to_gpu)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _webui_job(id_task: str | None) -> Iterator[None]:
+    """queue_lock + shared.state.begin/end (+ the progress task), as wrap_gradio_gpu_call does (§4)."""
+    from modules import call_queue, progress
+
+    shared = _shared()
+    if id_task:
+        progress.add_task_to_queue(id_task)
+    with call_queue.queue_lock:
+        shared.state.begin(job=id_task or JOB)
+        progress.start_task(id_task)
+        try:
+            yield
+        finally:
+            progress.finish_task(id_task)
+            shared.state.end()
+
+
+@contextmanager
+def open_webui_host(config=None, *, hold_lock: bool = True, id_task: str | None = None) -> Iterator[WebuiHost]:
+    """Lock, check and prepare `shared.sd_model`, yield a WebuiHost, and restore everything on exit.
+
+    `config` (a TrainConfig) tells whether the text encoder will be trained (refused under --medvram).
+    hold_lock=False when the caller already holds `queue_lock` (e.g. inside wrap_gradio_gpu_call,
+    which is not reentrant: taking it twice would deadlock); then it also owns shared.state.begin/end.
+    """
+    global _active
+    train_text_encoder = True if config is None else config.train_text_encoder
+    with ExitStack() as stack:
+        if hold_lock:
+            stack.enter_context(_webui_job(id_task))
+        shared = _shared()
+        shared.state.textinfo = "Preparing to train LoRA"
+        sd_model = shared.sd_model
+        check_trainable(sd_model, train_text_encoder=train_text_encoder)
+        host = WebuiHost(sd_model, lora_dir=output_dir(), runs_dir=runs_dir())
+        stack.callback(_finish, sd_model)
+        clear_loaded_networks(sd_model)
+        stack.enter_context(_unloaded_hypernetworks())
+        stack.enter_context(_training_attention())
+        stack.enter_context(_frozen(sd_model, host.unet))
+        stack.enter_context(_medvram_unet(sd_model))
+        stack.callback(host._remove_checkpointing)
+        _active = host
+        stack.callback(_forget_active)
+        yield host
+
+
+def _finish(sd_model) -> None:
+    from modules import devices
+
+    clear_loaded_networks(sd_model)
+    devices.torch_gc()
+
+
+def _forget_active() -> None:
+    global _active
+    _active = None
+
+
+def interrupt_active() -> None:
+    """Ask a running training to stop and save (on_script_unloaded: a UI reload must not leave hooks behind)."""
+    if _active is not None:
+        _active.interrupt()
+
+
+# ---- folders, names, settings ------------------------------------------------------------------
+
+
+def output_dir() -> Path:
+    """Where finished LoRAs go: --train-lora-output-dir, else the Lora extension's --lora-dir (§1.3)."""
+    from modules import paths
+
+    cmd_opts = _shared().cmd_opts
+    folder = getattr(cmd_opts, "train_lora_output_dir", None) or getattr(cmd_opts, "lora_dir", None)
+    return Path(folder or Path(paths.models_path) / "Lora")
+
+
+def runs_dir() -> Path:
+    """Run folders (state, samples, logs): setting, else --train-lora-runs-dir, else <data>/outputs/train-lora.
+
+    Never inside the extension (updates `git reset --hard` it, §1.7) nor the Lora folder.
+    """
+    from modules import paths
+
+    shared = _shared()
+    folder = shared.opts.data.get("train_lora_runs_dir") or getattr(shared.cmd_opts, "train_lora_runs_dir", None)
+    return Path(folder or Path(paths.data_path) / "outputs" / "train-lora")
+
+
+def dataset_root() -> Path | None:
+    """--train-lora-dataset-root: the folder the tab offers datasets from (None: any path)."""
+    folder = getattr(_shared().cmd_opts, "train_lora_dataset_root", None)
+    return Path(folder) if folder else None
+
+
+def versioned_output_name(folder: Path, name: str) -> str:
+    """`name`, or `name_v2`, `name_v3`... : the first stem with no file in `folder` (fact 10: never reuse a name)."""
+    taken = {p.stem for p in Path(folder).glob("*.safetensors")} if Path(folder).is_dir() else set()
+    used = lambda stem: stem in taken or any(t.startswith(stem + "-") for t in taken)  # noqa: E731 - epoch/step files
+    if not used(name):
+        return name
+    base = re.sub(r"_v\d+$", "", name)
+    return next(f"{base}_v{n}" for n in range(2, 10_000) if not used(f"{base}_v{n}"))
+
+
+def config_defaults() -> dict:
+    """TrainConfig values the webui decides: its clip skip, and fp16 autocast when the model is fp16 on CUDA."""
+    from modules import devices
+
+    shared = _shared()
+    half = getattr(devices, "dtype_unet", torch.float32) == torch.float16 and torch.device(devices.device).type == "cuda"
+    return {"clip_skip": int(shared.opts.data.get("CLIP_stop_at_last_layers", 1)), "mixed_precision": "fp16" if half else "no"}
+
+
+def add_settings() -> None:
+    """on_ui_settings: the extension's section in Settings."""
+    import gradio as gr
+
+    shared = _shared()
+    options = {
+        "train_lora_runs_dir": shared.OptionInfo("", "Folder for training runs (state, samples, logs); empty = outputs/train-lora"),
+        "train_lora_medvram_policy": shared.OptionInfo(MEDVRAM_POLICIES[0], "Under --medvram", gr.Radio, {"choices": list(MEDVRAM_POLICIES)}).info(
+            "--lowvram is always refused; the text encoder cannot be trained under --medvram"
+        ),
+    }
+    for key, info in options.items():
+        info.section, info.category_id = SETTINGS_SECTION, SETTINGS_CATEGORY
+        shared.opts.add_option(key, info)

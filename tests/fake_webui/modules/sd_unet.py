@@ -1,0 +1,3 @@
+"""modules.sd_unet: an alternative UNet (TensorRT...) replaces the PyTorch one when set."""
+
+current_unet = None

@@ -1,0 +1,116 @@
+"""The webui entry points: scripts/train_lora.py registration, preload.py options, install.py.
+
+Each file is executed the way the webui does it (webui-integration.md §1.2-1.4), against the
+stand-in webui in tests/fake_webui. The tab builder is stubbed, so gradio is not needed.
+"""
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import fake_webui
+import lib_lora.ui
+from lib_lora.hosts import webui as webui_host
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch):
+    env = fake_webui.install(tmp_path, monkeypatch)
+    yield env
+    fake_webui.uninstall()
+
+
+def run_file(path: Path, name: str):
+    """As modules/scripts.py load_scripts: spec_from_file_location, module not put in sys.modules."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tab_builder(monkeypatch):
+    built = []
+
+    def build_tab(host_factory):
+        built.append(host_factory)
+        return "<blocks>"
+
+    monkeypatch.setattr(lib_lora.ui, "build_tab", build_tab, raising=False)
+    return built
+
+
+def test_script_registers_the_tab_settings_and_unload(webui, tab_builder):
+    run_file(ROOT / "scripts" / "train_lora.py", "train_lora.py")
+    registered = webui.modules.script_callbacks.registered
+    assert sorted(registered) == ["script_unloaded", "ui_settings", "ui_tabs"]
+    (on_ui_tabs,) = registered["ui_tabs"]
+    assert on_ui_tabs() == [("<blocks>", "Train LoRA", "train_lora")]
+    assert tab_builder == [webui_host.open_webui_host]
+    assert registered["script_unloaded"] == [webui_host.interrupt_active]
+
+
+def test_settings_appear_in_their_own_section_under_training(webui, tab_builder, monkeypatch):
+    if importlib.util.find_spec("gradio") is None:
+        monkeypatch.setitem(sys.modules, "gradio", types.SimpleNamespace(Radio="Radio"))
+    run_file(ROOT / "scripts" / "train_lora.py", "train_lora.py")
+    (on_ui_settings,) = webui.modules.script_callbacks.registered["ui_settings"]
+    on_ui_settings()
+    opts = webui.shared.opts
+    assert {"train_lora_runs_dir", "train_lora_medvram_policy"} <= set(opts.data_labels)
+    for key in ("train_lora_runs_dir", "train_lora_medvram_policy"):
+        assert opts.data_labels[key].section == ("train_lora", "Train LoRA") and opts.data_labels[key].category_id == "training"
+    assert opts.data["train_lora_medvram_policy"] == "Train the UNet only"
+    opts.data["train_lora_runs_dir"] = str(webui.root / "runs")
+    assert webui_host.runs_dir() == webui.root / "runs"
+
+
+def test_medvram_refuse_policy_refuses_even_unet_only(webui, tab_builder):
+    webui.shared.opts.data["train_lora_medvram_policy"] = "Refuse"
+    webui.shared.sd_model.lowvram = True
+    with pytest.raises(webui_host.WebuiHostError, match="switched off in Settings"):
+        webui_host.check_trainable(webui.shared.sd_model, train_text_encoder=False)
+
+
+def test_unload_interrupts_a_running_session(webui):
+    with webui_host.open_webui_host() as host:
+        webui_host.interrupt_active()
+        assert host.interrupted()
+    webui_host.interrupt_active()  # no session: nothing to do
+
+
+def test_preload_adds_the_options_and_imports_nothing_heavy():
+    parser = argparse.ArgumentParser()
+    run_file(ROOT / "preload.py", "preload").preload(parser)
+    args = parser.parse_args(["--train-lora-dataset-root", "/data", "--train-lora-output-dir", "/loras", "--train-lora-runs-dir", "/runs"])
+    assert (args.train_lora_dataset_root, args.train_lora_output_dir, args.train_lora_runs_dir) == ("/data", "/loras", "/runs")
+    assert parser.parse_args([]).train_lora_output_dir is None
+    code = "import runpy, sys; runpy.run_path(sys.argv[1]); print(sorted({'torch', 'gradio', 'lib_lora'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "preload.py")], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("installed", "env", "expected"), [
+    (set(), "", ["lion-pytorch", "prodigyopt"]),
+    ({"lion-pytorch", "prodigyopt"}, "", []),
+    ({"lion-pytorch", "prodigyopt"}, "1", ["bitsandbytes"]),
+])
+def test_install_adds_only_what_is_missing_and_never_touches_pins(webui, monkeypatch, installed, env, expected):
+    launch = sys.modules.setdefault("launch", importlib.import_module("launch"))
+    launch.installed |= installed
+    monkeypatch.setitem(os.environ, "TRAIN_LORA_BITSANDBYTES", env)
+    run_file(ROOT / "install.py", "install")
+    assert [desc.split(": ")[1] for _, desc in launch.pip_calls] == expected
+    for command, _ in launch.pip_calls:
+        words = command.split()
+        assert words[:2] == ["install", "--no-deps"] and len(words) == 3 and not words[2].startswith("-")  # no -U, no extra packages
+        assert re.split(r"[<>=]", words[2].strip('"'))[0] in {"lion-pytorch", "prodigyopt", "bitsandbytes"}
