@@ -9,6 +9,7 @@ from tqdm import tqdm
 from .demo.tiny import DEFAULT_CHECKPOINT
 from .models.samplers import SAMPLERS
 from .train.cli import add_train_command
+from .ui.cli import add_ui_command
 
 
 def _generate(args) -> None:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="merge LoRA deltas into the weights (default) or add them in each forward pass")
     gen.set_defaults(run=_generate)
     add_train_command(commands)
+    add_ui_command(commands)
     demo = commands.add_parser("demo", help="the main job: teach the embedded model a new concept, show before/after")
     demo.add_argument("--out-dir", type=Path, default=Path("out"))
     demo.add_argument("--concept", choices=("star", "purple"), default="star")

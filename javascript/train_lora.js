@@ -1,0 +1,44 @@
+// Train LoRA tab: what Gradio cannot do. The tab works without this file.
+// - Interrupt asks for confirmation first.
+// - Ctrl+Enter (Cmd+Enter) starts training on the Train LoRA tab, and generates on the
+//   standalone app's txt2img panel, like the webui's own Ctrl+Enter.
+// Loaded by the webui from javascript/ (Gradio 3 and 4 alike) and by `python -m lib_lora ui`.
+(function () {
+    if (window.trainLoraLoaded) {
+        return;
+    }
+    window.trainLoraLoaded = true;
+
+    function root() {
+        const app = document.querySelector("gradio-app");
+        return app && app.shadowRoot ? app.shadowRoot : document;
+    }
+
+    function visibleButton(id) {
+        const element = root().querySelector("#" + id);
+        const button = element && (element.tagName === "BUTTON" ? element : element.querySelector("button"));
+        return button && button.offsetParent !== null ? button : null;
+    }
+
+    document.addEventListener("click", function (event) {
+        const target = event.target instanceof Element ? event.target : null;
+        if (!target || !target.closest("#train_lora_stop")) {
+            return;
+        }
+        if (!window.confirm("Interrupt training? The LoRA is saved at the next step and the run can be resumed.")) {
+            event.stopImmediatePropagation();
+            event.preventDefault();
+        }
+    }, true);
+
+    document.addEventListener("keydown", function (event) {
+        if (!(event.key === "Enter" && (event.ctrlKey || event.metaKey))) {
+            return;
+        }
+        const button = visibleButton("train_lora_train") || visibleButton("lora_app_generate");
+        if (button) {
+            button.click();
+            event.preventDefault();
+        }
+    });
+})();

@@ -1,0 +1,139 @@
+"""The standalone app in a real browser: scan a dataset, train on the embedded model, use the LoRA.
+
+Starts `python -m lib_lora ui` on a free loopback port and drives Debian's Chromium with
+Playwright (never a downloaded browser). Screenshots of each state go to $LIB_LORA_SCREENSHOTS
+(default: the test's tmp folder). Skipped when gradio, playwright or /usr/bin/chromium is missing;
+.ci/run installs all three.
+"""
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
+START_TIMEOUT_S, TRAIN_TIMEOUT_S = 90, 150
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the app did not answer within {START_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def app(tmp_path):
+    port = free_port()
+    log = tmp_path / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "lib_lora", "ui", "--port", str(port), "--out-dir", str(tmp_path / "out")],
+                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_server(url, process, log)
+        yield url, tmp_path / "out"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    folder = Path(os.environ.get("LIB_LORA_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def fill(page, elem_id: str, value) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(str(value))
+    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.press("Tab")
+
+
+def image_bytes(page, selector: str) -> bytes:
+    src = page.locator(selector).get_attribute("src")
+    if src.startswith("data:"):
+        return base64.b64decode(src.split(",", 1)[1])
+    return page.request.get(src).body()  # Gradio 4 serves outputs as files
+
+
+def generate(page, prompt: str, count: int) -> bytes:
+    fill(page, "lora_app_prompt", prompt)
+    page.click("#lora_app_generate")
+    page.wait_for_function(f"document.querySelector('#lora_app_info') && document.querySelector('#lora_app_info').innerText.includes('#{count} ')",
+                           timeout=60_000)
+    return image_bytes(page, "#lora_app_image img")
+
+
+def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
+    from lib_lora.demo.dataset import make_lora_dataset
+
+    url, out_dir = app
+    dataset = make_lora_dataset(tmp_path / "dataset", concept="star", trigger="zkz", n_images=12, repeats=10)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#train_lora_train", timeout=30_000)
+
+        fill(page, "train_lora_train_data_dir", dataset)
+        fill(page, "train_lora_trigger_words", "zkz")
+        page.click("#train_lora_scan")
+        page.wait_for_selector("#train_lora_report table", timeout=30_000)
+        assert "12 images" in page.inner_text("#train_lora_report")
+        assert "10_zkz" in page.inner_text("#train_lora_report")
+        page.screenshot(path=shots / "1-dataset-report.png", full_page=True)
+
+        page.click("#train_lora_sections button:has-text('Training')")
+        fill(page, "train_lora_max_train_epochs", 1)
+        fill(page, "train_lora_train_batch_size", 4)
+        fill(page, "train_lora_resolution", 64)
+        fill(page, "train_lora_output_name", "ui_test")
+        page.wait_for_function("document.querySelector('#train_lora_summary').innerText.includes('30 steps')", timeout=15_000)
+
+        page.click("#train_lora_train")
+        page.wait_for_selector("#train_lora_chart svg polyline", timeout=TRAIN_TIMEOUT_S * 1000)
+        page.wait_for_selector("#train_lora_progress [data-status='running']", timeout=10_000)
+        page.screenshot(path=shots / "2-training.png", full_page=True)
+        page.wait_for_selector("#train_lora_progress [data-status='finished']", timeout=TRAIN_TIMEOUT_S * 1000)
+        page.wait_for_timeout(500)
+        assert "step 30/30" in page.inner_text("#train_lora_progress")
+        page.screenshot(path=shots / "3-finished.png", full_page=True)
+        assert (out_dir / "lora" / "ui_test.safetensors").is_file()
+
+        page.click("button:has-text('txt2img')")
+        with_lora = generate(page, "a zkz star <lora:ui_test:1>", 1)
+        without = generate(page, "a zkz star <lora:ui_test:0>", 2)
+        page.screenshot(path=shots / "4-txt2img.png", full_page=True)
+        browser.close()
+    assert with_lora != without
