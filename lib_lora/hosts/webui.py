@@ -263,11 +263,12 @@ def clear_loaded_networks(sd_model) -> None:
     if networks is None:
         return
     networks.loaded_networks.clear()
-    for module in sd_model.modules():
-        if getattr(module, "network_weights_backup", None) is not None or getattr(module, "network_bias_backup", None) is not None:
-            networks.network_restore_weights_from_backup(module)
-        if hasattr(module, "network_current_names"):
-            module.network_current_names = ()
+    with torch.no_grad():  # it copy_()s into the weights, which ldm leaves requiring grad (the webui calls it under no_grad too)
+        for module in sd_model.modules():
+            if getattr(module, "network_weights_backup", None) is not None or getattr(module, "network_bias_backup", None) is not None:
+                networks.network_restore_weights_from_backup(module)
+            if hasattr(module, "network_current_names"):
+                module.network_current_names = ()
 
 
 @contextmanager

@@ -24,8 +24,7 @@ def merge(module, delta: torch.Tensor, name: str = "old") -> None:
 
 
 def network_restore_weights_from_backup(module) -> None:
-    with torch.no_grad():
-        module.weight.copy_(module.network_weights_backup)
+    module.weight.copy_(module.network_weights_backup)  # as the webui: no no_grad of its own (the caller's job)
     restored.append(module)
 
 
