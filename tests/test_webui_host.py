@@ -6,6 +6,8 @@ refusals are clear `WebuiHostError`s, Interrupt stops and saves, and a finished 
 Lora folder and is registered.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -136,7 +138,7 @@ def inpainting(webui):
 def test_unsupported_setups_are_refused_clearly_and_release_the_lock(webui, setup, words):
     setup(webui)
     with pytest.raises(WebuiHostError, match=words):
-        with open_webui_host():
+        with open_webui_host(TrainConfig()):  # trains the text encoder too
             pytest.fail("the session must not start")
     assert webui.calls[-2:] == ["state.end", "lock.release"] and not webui.modules.call_queue.queue_lock.locked()
 
@@ -252,6 +254,41 @@ def test_interrupt_from_the_webui_stops_the_run_and_saves(webui, dataset):
         result = train(config, host, on_event=host.track(lambda e: e.kind == "step" and webui.shared.state.interrupt()))
     assert result.interrupted and result.steps == 1
     assert result.final_path.name == "w-step00000001.safetensors" and result.final_path.exists()
+
+
+def test_the_tabs_job_lock_is_the_session_and_its_host_the_prepared_one(webui, dataset):
+    """As lib_lora.ui's controller: `with settings.job_lock(): host = host_factory(); train(...)`."""
+    binding = webui_host.WebuiTab()
+    idle = binding.host()
+    assert idle.lora_dir == webui.root / "models" / "Lora" and not webui.modules.call_queue.queue_lock.locked()
+    with binding.session():
+        host = binding.host()
+        assert host is webui_host._active and webui.modules.call_queue.queue_lock.locked()
+        result = train(config_for(dataset, output_name="tab"), host)
+    assert result.final_path.exists() and webui_host._active is None
+
+
+def test_medvram_refuses_text_encoder_training_at_the_first_step_when_the_session_had_no_config(webui, dataset):
+    webui.shared.sd_model.lowvram = True
+    binding = webui_host.WebuiTab()
+    with binding.session():
+        with pytest.raises(WebuiHostError, match="only the UNet"):
+            train(config_for(dataset, output_name="te"), binding.host())
+        result = train(config_for(dataset, output_name="unet", network_train_unet_only=True), binding.host())
+    assert result.final_path.exists()
+
+
+def test_captioners_are_the_webuis_interrogators(webui, monkeypatch):
+    from PIL import Image
+
+    webui.shared.interrogator = type("Interrogator", (), {"interrogate": lambda self, image: f"blip {image.mode}"})()
+    deepbooru = type(sys)("modules.deepbooru")
+    deepbooru.model = type("DeepDanbooru", (), {"tag": lambda self, image: "1girl, star"})()
+    monkeypatch.setitem(sys.modules, "modules.deepbooru", deepbooru)
+    monkeypatch.setattr(webui.modules, "deepbooru", deepbooru, raising=False)
+    captioners = webui_host.captioners()
+    image = Image.new("RGBA", (8, 8))
+    assert captioners["BLIP"](image) == "blip RGB" and captioners["DeepBooru"](image) == "1girl, star"
 
 
 # ---- names and defaults ------------------------------------------------------------------------

@@ -41,8 +41,8 @@ def run_file(path: Path, name: str):
 def tab_builder(monkeypatch):
     built = []
 
-    def build_tab(host_factory):
-        built.append(host_factory)
+    def build_tab(host, settings):
+        built.append((host, settings))
         return "<blocks>"
 
     monkeypatch.setattr(lib_lora.ui, "build_tab", build_tab, raising=False)
@@ -55,7 +55,10 @@ def test_script_registers_the_tab_settings_and_unload(webui, tab_builder):
     assert sorted(registered) == ["script_unloaded", "ui_settings", "ui_tabs"]
     (on_ui_tabs,) = registered["ui_tabs"]
     assert on_ui_tabs() == [("<blocks>", "Train LoRA", "train_lora")]
-    assert tab_builder == [webui_host.open_webui_host]
+    ((host_factory, settings),) = tab_builder
+    assert isinstance(host_factory.__self__, webui_host.WebuiTab) and settings.job_lock == host_factory.__self__.session
+    assert settings.lora_dir == webui.root / "models" / "Lora" and settings.presets_dir == webui.root / "train-lora" / "presets"
+    assert settings.defaults == {"clip_skip": 1, "mixed_precision": "no"} and set(settings.captioners) == {"BLIP", "DeepBooru"}
     assert registered["script_unloaded"] == [webui_host.interrupt_active]
 
 

@@ -33,6 +33,7 @@ SETTINGS_SECTION = ("train_lora", "Train LoRA")
 SETTINGS_CATEGORY = "training"  # shown under Settings > Training
 MEDVRAM_POLICIES = ("Train the UNet only", "Refuse")
 JOB = "train-lora"
+MEDVRAM_TEXT_ENCODER = "Under --medvram only the UNet can be trained (the text encoder moves between devices). Choose UNet only, or restart without --medvram."
 _SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}  # lib_lora sampler names -> the webui's
 _CHECKPOINT_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})  # what sd_hijack_checkpoint wraps
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
@@ -77,7 +78,7 @@ def check_trainable(sd_model, *, train_text_encoder: bool = True) -> None:
     if medvram and shared.opts.data.get("train_lora_medvram_policy", MEDVRAM_POLICIES[0]) == "Refuse":
         raise WebuiHostError("Training under --medvram is switched off in Settings > Train LoRA. Restart without --medvram, or allow UNet-only training there.")
     if medvram and train_text_encoder:
-        raise WebuiHostError("Under --medvram only the UNet can be trained (the text encoder moves between devices). Choose UNet only, or restart without --medvram.")
+        raise WebuiHostError(MEDVRAM_TEXT_ENCODER)
     _check_weights(sd_model)
 
 
@@ -143,6 +144,8 @@ class WebuiHost(Host):
         under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the global
         `opts.CLIP_stop_at_last_layers`, set for this call only.
         """
+        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and _has_hooks(self.text_encoder):
+            raise WebuiHostError(MEDVRAM_TEXT_ENCODER)  # the session could not know the config; the adapters tell
         opts = _shared().opts
         saved = opts.data.get("CLIP_stop_at_last_layers", 1)
         opts.data["CLIP_stop_at_last_layers"] = clip_skip
@@ -241,6 +244,10 @@ class WebuiHost(Host):
         networks = _lora_extension()
         if networks is not None:
             networks.list_available_networks()
+
+
+def _has_hooks(root: nn.Module) -> bool:
+    return any(m._forward_hooks for m in root.modules())
 
 
 def _checkpointed_forward(block: nn.Module) -> Callable:
@@ -359,12 +366,13 @@ def _webui_job(id_task: str | None) -> Iterator[None]:
 def open_webui_host(config=None, *, hold_lock: bool = True, id_task: str | None = None) -> Iterator[WebuiHost]:
     """Lock, check and prepare `shared.sd_model`, yield a WebuiHost, and restore everything on exit.
 
-    `config` (a TrainConfig) tells whether the text encoder will be trained (refused under --medvram).
+    `config` (a TrainConfig) tells whether the text encoder will be trained (refused under --medvram);
+    without it, text-encoder training under --medvram is refused at its first step (`encode_text`).
     hold_lock=False when the caller already holds `queue_lock` (e.g. inside wrap_gradio_gpu_call,
     which is not reentrant: taking it twice would deadlock); then it also owns shared.state.begin/end.
     """
     global _active
-    train_text_encoder = True if config is None else config.train_text_encoder
+    train_text_encoder = False if config is None else config.train_text_encoder
     with ExitStack() as stack:
         if hold_lock:
             stack.enter_context(_webui_job(id_task))
@@ -395,6 +403,40 @@ def _finish(sd_model) -> None:
 def _forget_active() -> None:
     global _active
     _active = None
+
+
+class WebuiTab:
+    """What the tab (`lib_lora.ui.build_tab`) gets from the webui: a host factory and a job lock.
+
+    The tab enters `session()` (its `job_lock`) around training, the comparison grid and
+    captioning, and calls `host()` inside; `session` is `open_webui_host`, so the lock, the checks
+    and the model's preparation and restoration wrap exactly the tab's use of the model. Outside a
+    session `host()` gives an unprepared host, good for `lora_dir` and `register_network`.
+    """
+
+    def session(self):
+        return open_webui_host()
+
+    def host(self) -> WebuiHost:
+        if _active is not None:
+            return _active
+        sd_model = _shared().sd_model
+        check_trainable(sd_model, train_text_encoder=False)
+        return WebuiHost(sd_model, lora_dir=output_dir(), runs_dir=runs_dir())
+
+
+def captioners() -> dict[str, Callable]:
+    """The webui's interrogators as image -> caption functions (the tab's captioning)."""
+
+    def blip(image) -> str:
+        return _shared().interrogator.interrogate(image.convert("RGB"))
+
+    def deepbooru(image) -> str:
+        from modules import deepbooru
+
+        return deepbooru.model.tag(image.convert("RGB"))
+
+    return {"BLIP": blip, "DeepBooru": deepbooru}
 
 
 def interrupt_active() -> None:
@@ -441,6 +483,13 @@ def versioned_output_name(folder: Path, name: str) -> str:
         return name
     base = re.sub(r"_v\d+$", "", name)
     return next(f"{base}_v{n}" for n in range(2, 10_000) if not used(f"{base}_v{n}"))
+
+
+def presets_dir() -> Path:
+    """The user's presets, outside the extension folder (which updates reset)."""
+    from modules import paths
+
+    return Path(paths.data_path) / "train-lora" / "presets"
 
 
 def config_defaults() -> dict:
