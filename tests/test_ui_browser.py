@@ -119,6 +119,9 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
         fill(page, "train_lora_train_batch_size", 4)
         fill(page, "train_lora_resolution", 64)
         fill(page, "train_lora_output_name", "ui_test")
+        page.click("#train_lora_group_samples >> text=Samples")
+        fill(page, "train_lora_sample_every_n_epochs", 1)
+        fill(page, "train_lora_sample_prompts", "a zkz star --s 10 --d 1")
         page.wait_for_function("document.querySelector('#train_lora_summary').innerText.includes('30 steps')", timeout=15_000)
 
         page.click("#train_lora_train")
@@ -128,6 +131,7 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
         page.wait_for_selector("#train_lora_progress [data-status='finished']", timeout=TRAIN_TIMEOUT_S * 1000)
         page.wait_for_timeout(500)
         assert "step 30/30" in page.inner_text("#train_lora_progress")
+        page.wait_for_selector("#train_lora_samples img", timeout=10_000)
         page.screenshot(path=shots / "3-finished.png", full_page=True)
         assert (out_dir / "lora" / "ui_test.safetensors").is_file()
 

@@ -128,7 +128,7 @@ class TabController:
             return self.job
 
     def _train(self, job: TrainingJob, config: TrainConfig | None, run_dir: str, resume: bool):
-        with self.settings.job_lock(), self._model("training"):
+        with self._model("training"), self.settings.job_lock():
             host = self.host_factory()
             job.attach_host(host)
             folder = None
@@ -172,13 +172,13 @@ class TabController:
         return compare.epoch_files(self.lora_folder(values), values.get("output_name") or "last")
 
     def comparison(self, values: dict, request: CompareRequest, progress=None) -> Image.Image:
-        files = self.saved_files(values)
         weights = compare.parse_weights(request.weights)
-        width, height = fields.config_from_widgets({**values, "train_data_dir": ""}).resolution
+        width, height = fields.config_from_widgets({"resolution": values.get("resolution", "512")}).resolution  # other options may be mid-edit
         params = GenerationParams(prompt=request.prompt, seed=int(request.seed), steps=int(request.steps), cfg_scale=float(request.cfg_scale),
                                   width=width, height=height)
-        with self.settings.job_lock(), self._model("the comparison"):
+        with self._model("the comparison"), self.settings.job_lock():
             host = self.host_factory()
+            files = self.saved_files(values)
             return compare.comparison_grid(lambda p: compare.generate_images(host, p), files, weights, params, progress)
 
     def keep(self, values: dict, label: str, final_name: str, replace_existing: bool, delete_epochs: bool) -> str:
@@ -201,7 +201,7 @@ class TabController:
 
         if captioner not in self.settings.captioners:
             raise ValueError("captioning needs the webui's interrogators (BLIP, deepbooru); this host has none")
-        with self.settings.job_lock(), self._model("captioning"):
+        with self._model("captioning"), self.settings.job_lock():
             written, skipped = caption_folder(Path(folder), self.settings.captioners[captioner], mode=mode, extension=extension, progress=progress)
         return f"captioned {written} image(s) with {captioner}; {skipped} kept their caption"
 

@@ -31,6 +31,20 @@ class PrepareResult:
     skipped: list[str] = field(default_factory=list)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"512" -> (512, 512); "512x768" or "512,768" -> (512, 768); sides of at least 8 px."""
+    parts = [p.strip() for p in str(text).lower().replace("x", ",").split(",") if p.strip()]
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) == 1:
+        sides *= 2
+    if len(sides) != 2 or min(sides) < 8:
+        raise ValueError(f"size {text!r}: write 512 or 512x768")
+    return sides[0], sides[1]
+
+
 def focus_point(image: Image.Image) -> tuple[float, float]:
     """Where the detail is, as fractions (x, y) of the size: the centroid of edge strength.
 
@@ -78,6 +92,8 @@ def _check_destination(source: Path, destination: Path) -> None:
 def prepare_folder(source: Path, destination: Path, target: tuple[int, int], mode: str = "center",
                    progress: Callable[[int, int], None] | None = None) -> PrepareResult:
     """Resize + crop every image under `source` into `destination` (new or empty), captions copied."""
+    if not str(source).strip() or not str(destination).strip():
+        raise DatasetError("give both a source folder (or a dataset folder) and a new folder to write to")
     source, destination = Path(source), Path(destination)
     _check_destination(source, destination)
     files = sorted(p for p in source.rglob("*") if p.is_file())

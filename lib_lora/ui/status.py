@@ -71,7 +71,7 @@ def log_text(state: JobState, lines: int = 40) -> str:
 def repeats_html(summary: PlanSummary) -> str:
     """The Training section's reminder that repeats are set by folder names, with the current ones."""
     if not summary.repeats:
-        text = "Repeats come from the dataset's folder names (10_name = 10 repeats); choose a dataset folder to see them."
+        text = "Repeats come from the dataset's folder names (10_name = 10 repeats); they show here once the dataset folder and options are valid."
     else:
         text = "Repeats from folder names: " + "; ".join(summary.repeats) + (f" = {summary.total_steps} steps" if summary.total_steps else "")
     return f'<div class="train-lora-note">{escape(text)}</div>'

@@ -6,9 +6,8 @@ from html import escape
 
 import gradio as gr
 
-from ..data.buckets import as_size
 from .controller import CompareRequest
-from .prepare import prepare_folder
+from .prepare import parse_size, prepare_folder
 from .report import report_html
 from .status import progress_html, repeats_html, summary_html
 from .tab import USER_ERRORS, TrainTab, listener_kwargs, note, poll, reporting
@@ -65,10 +64,7 @@ def wire_options(tab: TrainTab) -> None:
 def wire_prepare(tab: TrainTab) -> None:
     def prepare(source, destination, size, mode, use, dataset, progress=gr.Progress()):
         try:
-            target = as_size([int(v) for v in str(size).lower().replace("x", ",").split(",") if v.strip()] or [512])
-            if len(target) != 2 or min(target) < 64:
-                raise ValueError(f"size {size!r}: give 512 or 512x768 (at least 64)")
-            result = prepare_folder(source or dataset, destination, target, mode, progress=lambda i, n: progress((i, n), desc="resizing"))
+            result = prepare_folder(source or dataset, destination, parse_size(size), mode, progress=lambda i, n: progress((i, n), desc="resizing"))
         except USER_ERRORS as e:
             return note(str(e), "error"), gr.update()
         skipped = f"; skipped {len(result.skipped)}: " + "; ".join(result.skipped[:3]) if result.skipped else ""

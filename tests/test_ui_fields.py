@@ -1,0 +1,51 @@
+"""The tab's widgets come from TrainConfig: every field placed once, values round-trip."""
+
+import dataclasses
+
+import pytest
+
+from lib_lora.train.config import ConfigError, TrainConfig
+from lib_lora.train.presets import BUILTIN_PRESETS, DEMO
+from lib_lora.ui import fields
+
+
+def test_every_layout_name_is_a_field_and_every_field_is_placed_once():
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    placed = [n for groups in fields.layout().values() for group in groups.values() for n in group]
+    assert sorted(placed) == sorted(names)
+    hand_written = [n for groups in fields.LAYOUT.values() for group in groups.values() for n in group]
+    assert set(hand_written) <= set(names) and len(hand_written) == len(set(hand_written))
+
+
+@pytest.mark.parametrize("name, kind", [("network_type", "dropdown"), ("shuffle_caption", "checkbox"), ("network_dim", "int"),
+                                        ("learning_rate", "float"), ("lr_warmup_steps", "float"), ("output_name", "text"),
+                                        ("sample_prompts", "lines"), ("resolution", "text")])
+def test_widget_kind_label_and_info_come_from_the_field(name, kind):
+    spec = fields.field_specs()[name]
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    assert spec.kind == kind and spec.info == f.metadata["help"] and spec.label
+    assert spec.choices == tuple(f.metadata.get("choices", ()))
+
+
+@pytest.mark.parametrize("config", [TrainConfig(), TrainConfig(**DEMO), TrainConfig(resolution=(512, 768), sample_prompts=("a", "b --s 5")),
+                                    *(TrainConfig(**p.values) for p in BUILTIN_PRESETS.values())])
+def test_config_to_widgets_and_back_is_the_same_config(config):
+    assert fields.config_from_widgets(fields.config_widget_values(config)) == config
+
+
+def test_widget_values_are_converted_like_a_user_types_them():
+    values = fields.config_widget_values(TrainConfig())
+    values.update(network_dim=8.0, resolution="512x768", sample_prompts="one\n\n two \n", learning_rate="", lr_warmup_steps=0.1)
+    config = fields.config_from_widgets(values)
+    assert config.network_dim == 8 and isinstance(config.network_dim, int)
+    assert config.resolution == (512, 768) and config.sample_prompts == ("one", "two")
+    assert config.learning_rate == TrainConfig().learning_rate  # an emptied number box means the default
+    assert config.lr_warmup_steps == 0.1  # a fraction, not truncated to 0
+
+
+def test_a_bad_value_is_a_config_error_naming_the_field():
+    values = fields.config_widget_values(TrainConfig())
+    with pytest.raises(ConfigError, match="resolution"):
+        fields.config_from_widgets({**values, "resolution": "500"})
+    with pytest.raises(ConfigError, match="network_dim"):
+        fields.config_from_widgets({**values, "network_dim": 0})

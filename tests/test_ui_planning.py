@@ -1,0 +1,84 @@
+"""Live step math and warnings for the tab, on real dataset folders."""
+
+import pytest
+
+from lib_lora.demo.dataset import make_lora_dataset
+from lib_lora.train.config import TrainConfig
+from lib_lora.ui import planning
+from lib_lora.ui.fields import config_widget_values
+from lib_lora.ui.status import repeats_html, summary_html
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_lora_dataset(tmp_path_factory.mktemp("data") / "ds", n_images=12, repeats=10)
+
+
+def widgets(**changes):
+    return config_widget_values(TrainConfig(**{"resolution": (64, 64), "trigger_words": "zkz", **changes}))
+
+
+def test_step_math_is_images_times_repeats_times_epochs_over_batch(dataset):
+    summary = planning.summarize(widgets(train_data_dir=str(dataset), train_batch_size=4, max_train_epochs=3))
+    assert summary.total_steps == 90 and not summary.error
+    assert summary.steps_text.startswith("12 images x 10 repeats = 120 samples / batch 4 = 30 steps per epoch x 3 epochs")
+    assert summary.repeats == ["10_zkz: 12 images x 10 repeats = 120"]
+    assert "90 steps" in summary_html(summary) and "10_zkz" in repeats_html(summary)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(network_dim=4, network_alpha=8.0), "network_alpha 8.0 > network_dim 4"),
+    (dict(network_type="locon", conv_dim=2, conv_alpha=4.0), "conv_alpha 4.0 > conv_dim 2"),
+    (dict(optimizer_type="AdamW", learning_rate=1e-2), "learning_rate 0.01 is outside 1e-05..0.001"),
+    (dict(optimizer_type="AdamW", unet_lr=1e-7), "unet_lr 1e-07 is outside"),
+    (dict(optimizer_type="Prodigy", learning_rate=1e-4), "Prodigy adapts the step size"),
+    (dict(optimizer_type="Prodigy", learning_rate=5.0), "learning_rate 5 is outside 0.1..2"),
+    (dict(optimizer_type="Lion", learning_rate=1e-3), "usual range for Lion"),
+])
+def test_option_warnings(dataset, changes, expected):
+    for folder in (str(dataset), ""):  # with and without a dataset chosen
+        summary = planning.summarize(widgets(train_data_dir=folder, **changes))
+        assert any(expected in w for w in summary.warnings), (folder, summary.warnings)
+
+
+def test_sensible_options_give_no_warning(dataset):
+    assert planning.summarize(widgets(train_data_dir=str(dataset), train_batch_size=4)).warnings == []
+
+
+def test_a_tiny_dataset_is_warned_about(tmp_path):
+    small = make_lora_dataset(tmp_path / "small", n_images=3, repeats=2)
+    summary = planning.summarize(widgets(train_data_dir=str(small), train_batch_size=2))
+    assert any("only 3 training image(s)" in w for w in summary.warnings)
+
+
+def test_a_batch_larger_than_the_dataset_blocks_the_start(tmp_path):
+    small = make_lora_dataset(tmp_path / "small", n_images=3, repeats=2)
+    summary = planning.summarize(widgets(train_data_dir=str(small), train_batch_size=8))
+    assert "batch size 8 is larger than the dataset (6 samples" in summary.error and summary.total_steps == 0
+
+
+def test_a_resolution_off_the_64_grid_is_named(dataset):
+    summary = planning.summarize({**widgets(train_data_dir=str(dataset)), "resolution": "500"})
+    assert summary.error.startswith("resolution: 500 is not a positive multiple of 64")
+    assert "resolution" in summary_html(summary)
+
+
+def test_no_folder_and_a_missing_folder_are_errors_not_crashes(tmp_path):
+    assert "choose a dataset folder" in planning.summarize(widgets()).error
+    assert "does not exist" in planning.summarize(widgets(train_data_dir=str(tmp_path / "nope"))).error
+
+
+def test_the_plan_is_cached_until_the_folders_or_data_options_change(dataset, tmp_path):
+    calls = []
+    cache = planning.PlanCache(lambda config: calls.append(config) or planning.plan_training(config))
+    folder = make_lora_dataset(tmp_path / "ds", n_images=6, repeats=1)
+    planning.summarize(widgets(train_data_dir=str(folder), train_batch_size=2), cache)
+    planning.summarize(widgets(train_data_dir=str(folder), train_batch_size=2, learning_rate=5e-4), cache)  # not a data option
+    assert len(calls) == 1
+    planning.summarize(widgets(train_data_dir=str(folder), train_batch_size=3), cache)
+    assert len(calls) == 2
+    extra = folder / "2_more"
+    extra.mkdir()
+    (folder / "1_zkz" / "img_000.png").rename(extra / "img_000.png")
+    summary = planning.summarize(widgets(train_data_dir=str(folder), train_batch_size=3), cache)
+    assert len(calls) == 3 and any("2_more" in line for line in summary.repeats)
