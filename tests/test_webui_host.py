@@ -233,7 +233,7 @@ def test_a_short_run_holds_the_lock_renders_samples_with_the_adapters_and_regist
         seen.append((event.kind, lock.locked(), state.job_count, state.job_no))
 
     with open_webui_host(config) as host:
-        result = train(config, host, on_event=host.track(on_event))
+        result = train(config, host, on_event=on_event)
     path = webui.root / "models" / "Lora" / "w.safetensors"
     assert result.final_path == path and result.steps == 2 and not result.interrupted
     assert all(locked for _, locked, _, _ in seen)
@@ -251,7 +251,7 @@ def test_a_short_run_holds_the_lock_renders_samples_with_the_adapters_and_regist
 def test_interrupt_from_the_webui_stops_the_run_and_saves(webui, dataset):
     config = config_for(dataset, max_train_epochs=3)
     with open_webui_host(config) as host:
-        result = train(config, host, on_event=host.track(lambda e: e.kind == "step" and webui.shared.state.interrupt()))
+        result = train(config, host, on_event=lambda e: e.kind == "step" and webui.shared.state.interrupt())
     assert result.interrupted and result.steps == 1
     assert result.final_path.name == "w-step00000001.safetensors" and result.final_path.exists()
 

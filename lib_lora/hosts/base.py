@@ -61,5 +61,8 @@ class Host(ABC):
     def interrupted(self) -> bool:
         return self._interrupt.is_set()
 
+    def report(self, event) -> None:
+        """Show a TrainEvent in the host's own progress display (standalone: none; the CLI and tab subscribe)."""
+
     def register_network(self, path: Path) -> None:
         """Make a newly written LoRA usable at once (standalone: nothing to refresh)."""

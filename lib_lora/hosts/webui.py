@@ -1,7 +1,7 @@
 """The webui host: train on AUTOMATIC1111's loaded `shared.sd_model` (v1.10), in place, with hooks.
 
     with open_webui_host(config) as host:      # holds call_queue.queue_lock for the whole run
-        train(config, host, on_event=host.track(on_event))
+        train(config, host, on_event=on_event)  # train() also reports each event to host.report
 
 `open_webui_host` refuses what cannot work (Forge, SD2/SDXL/SD3 for now, inpainting/edit models,
 fp8, --lowvram, text-encoder training under --medvram, a TensorRT-style SD UNet) with a
@@ -208,18 +208,8 @@ class WebuiHost(Host):
         super().clear_interrupt()
         _shared().state.interrupted = False
 
-    def track(self, on_event: Callable | None = None) -> Callable:
-        """An on_event for `train()` that shows progress in the webui's bar and passes each event on."""
-
-        def handle(event) -> None:
-            self.report(event)
-            if on_event is not None:
-                on_event(event)
-
-        return handle
-
     def report(self, event) -> None:
-        """Mirror a TrainEvent into `shared.state` (job_count = steps, job_no = step, one-line textinfo)."""
+        """Mirror a TrainEvent into `shared.state` (train() calls this for every event) (job_count = steps, job_no = step, one-line textinfo)."""
         count, step, text = self._progress
         if event.kind == "start":
             count, step, text = event.total_steps, 0, f"Training LoRA: {event.total_steps} steps"

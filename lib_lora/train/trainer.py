@@ -58,7 +58,11 @@ class TrainResult:
 
 def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] | None = None, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
     """Train a LoRA/LoCon on `host` as `config` says; resume=True continues the run in run_dir."""
-    emit = on_event or (lambda event: None)
+    def emit(event: TrainEvent) -> None:
+        host.report(event)  # the host's own progress display (the webui's job state)
+        if on_event is not None:
+            on_event(event)
+
     data = plan_training(config)
     run_dir = Path(run_dir or host.runs_dir / config.output_name)
     if not resume:
