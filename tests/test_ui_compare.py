@@ -75,12 +75,6 @@ class FakeWebuiHost(Host):
         return [Image.new("RGB", (8, 8))]
 
 
-def test_generate_images_passes_tags_to_a_host_that_parses_them():
-    host = FakeWebuiHost()
-    compare.generate_images(host, GenerationParams("a <lora:x:0.5>"))
-    assert host.prompts == ["a <lora:x:0.5>"]
-
-
 def test_keep_copies_the_epoch_atomically_and_never_overwrites_silently(run_files):
     chosen, final = run_files / "c-000002.safetensors", run_files / "c.safetensors"
     with pytest.raises(ValueError, match="already exists"):

@@ -45,7 +45,8 @@ class Host(ABC):
 
     @abstractmethod
     def generate(self, params: GenerationParams) -> list[Image.Image]:
-        """Sample images with the model as it is now (live LoRA hooks included)."""
+        """Sample images with the model as it is now (live LoRA hooks included); the prompt may
+        carry `<lora:name:w>` tags naming files in `lora_dir`, applied for this call only."""
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute UNet blocks in backward (our UNetModel's switch; hosts with other models override)."""

@@ -6,7 +6,8 @@ import torch
 
 from ..demo.tiny import DEFAULT_CHECKPOINT
 from ..models.checkpoint import Checkpoint, load_checkpoint
-from ..models.pipeline import GenerationParams, encode_prompts, generate, schedule_for
+from ..models.pipeline import GenerationParams, encode_prompts, schedule_for
+from ..networks.apply import generate_with_loras
 from .base import Host
 
 
@@ -38,4 +39,5 @@ class StandaloneHost(Host):
         return encode_prompts(self.ckpt, captions, clip_skip)
 
     def generate(self, params: GenerationParams):
-        return generate(self.ckpt, params)
+        """Sample with the model as it is; `<lora:name:w>` tags resolve to files in the Lora folder."""
+        return generate_with_loras(self.ckpt, params, [self.lora_dir])

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.samplers import SAMPLERS
+
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -76,7 +78,7 @@ class TrainConfig:
     adam_epsilon: float = _opt(1e-8, "epsilon (AdamW, Prodigy)")
     sgd_momentum: float = _opt(0.9, "momentum (SGD)")
     lr_scheduler: str = _opt("constant", "learning-rate schedule", choices=SCHEDULERS)
-    lr_warmup_steps: float = _opt(0, "warmup steps, or a fraction of all steps if < 1")
+    lr_warmup_steps: float = _opt(0.0, "warmup steps, or a fraction of all steps if < 1")
     lr_scheduler_num_cycles: int = _opt(1, "restarts for cosine_with_restarts")
     lr_scheduler_power: float = _opt(1.0, "power for polynomial")
     mixed_precision: str = _opt("no", "autocast dtype on CUDA (fp16 uses loss scaling)", choices=PRECISIONS)
@@ -102,7 +104,7 @@ class TrainConfig:
     sample_every_n_epochs: int = _opt(0, "render the sample prompts every N epochs (0 = off)")
     sample_every_n_steps: int = _opt(0, "render the sample prompts every N steps (0 = off)")
     sample_prompts: tuple[str, ...] = _opt((), "kohya prompt lines: 'prompt --n negative --s steps --l cfg --w W --h H --d seed'")
-    sample_sampler: str = _opt("euler", "sampler for samples")
+    sample_sampler: str = _opt("euler", "sampler for samples", choices=SAMPLERS)
     training_comment: str = _opt("", "stored in the file's ss_training_comment")
 
     def __post_init__(self):

@@ -7,7 +7,6 @@ lines naming it and saying why it is set so. Built-in presets follow values comm
 community for SD1.5 at 512 px; user presets live as `<slug>.toml` in a folder of their own.
 """
 
-import dataclasses
 import os
 import re
 import tomllib
@@ -76,17 +75,6 @@ def demo_config(data_dir: Path, reg_dir: Path | None, output_name: str, trigger:
     return TrainConfig(train_data_dir=str(data_dir), reg_data_dir=str(reg_dir or ""), output_name=output_name, trigger_words=trigger, **DEMO)
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """`TrainConfig.from_dict`, but a float option whose default is an int keeps its fraction.
-
-    `from_dict` casts by the default's type, so `lr_warmup_steps = 0.05` (default `0`) would become 0.
-    """
-    config = TrainConfig.from_dict(values)
-    fractions = {f.name: float(values[f.name]) for f in dataclasses.fields(TrainConfig)
-                 if f.name in values and f.type is float and type(f.default) is int}
-    return config.replace(**fractions) if fractions else config
-
-
 def preset_values(config: TrainConfig) -> dict[str, Any]:
     """The options of `config` a preset keeps: those that differ from the defaults, data paths left out."""
     defaults = TrainConfig().to_dict()
@@ -96,7 +84,7 @@ def preset_values(config: TrainConfig) -> dict[str, Any]:
 def apply_preset(preset: Preset, current: TrainConfig) -> TrainConfig:
     """Defaults plus the preset's values; the dataset-specific options of `current` are kept."""
     kept = {k: v for k, v in current.to_dict().items() if k in PRESET_EXCLUDED}
-    return config_from_dict({**kept, **preset.values})
+    return TrainConfig.from_dict({**kept, **preset.values})
 
 
 def preset_to_toml(preset: Preset) -> str:
@@ -114,7 +102,7 @@ def preset_from_toml(text: str, source: str = "preset") -> Preset:
     if bad:
         raise ConfigError(f"{source}: a preset cannot set {', '.join(bad)} (they belong to one dataset)")
     try:
-        config = config_from_dict(values)
+        config = TrainConfig.from_dict(values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from e
     comments = dict(_comment(line) for line in text.splitlines() if line.startswith((NAME_LINE, WHY_LINE)))
@@ -142,7 +130,7 @@ def save_preset(folder: Path, preset: Preset, *, overwrite: bool = False) -> Pat
     path = folder / f"{preset_slug(preset.name)}.toml"
     if path.exists() and not overwrite:
         raise ConfigError(f"preset {preset.name!r} already exists ({path}); tick 'replace' to overwrite it")
-    config_from_dict(dict(preset.values))  # validate before writing
+    TrainConfig.from_dict(dict(preset.values))  # validate before writing
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(preset_to_toml(preset), encoding="utf-8")

@@ -1,8 +1,8 @@
 """After training: an epoch x weight comparison grid, and keeping the chosen epoch's file.
 
-`generate_images(host, params)` is the one host-agnostic way to render a prompt with
-`<lora:name:w>` tags: the webui's own generation parses the tags itself; the standalone host's
-model goes through `generate_with_loras` with the host's Lora folder. No Gradio here.
+Cells are rendered by `host.generate`, whose contract is to resolve `<lora:name:w>` tags (the
+webui's own generation parses them; the standalone host goes through `generate_with_loras` with
+its Lora folder). No Gradio here.
 """
 
 import os
@@ -15,9 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..grid import image_grid
-from ..hosts.standalone import StandaloneHost
 from ..models.pipeline import GenerationParams
-from ..networks.apply import generate_with_loras
 from ..networks.files import card_paths
 
 DEFAULT_WEIGHTS = (0.4, 0.7, 1.0)
@@ -62,13 +60,6 @@ def parse_weights(text: str) -> tuple[float, ...]:
 
 def lora_prompt(prompt: str, stem: str, weight: float) -> str:
     return f"{prompt} <lora:{stem}:{weight:g}>".strip()
-
-
-def generate_images(host, params: GenerationParams) -> list[Image.Image]:
-    """Render `params.prompt`, `<lora:name:w>` tags included, with the host's model."""
-    if isinstance(host, StandaloneHost):
-        return generate_with_loras(host.ckpt, params, [host.lora_dir])
-    return host.generate(params)
 
 
 def comparison_grid(generate: Callable[[GenerationParams], list[Image.Image]], files: Sequence[EpochFile], weights: Sequence[float],

@@ -63,7 +63,7 @@ class TabController:
 
     # --- options
     def initial_values(self) -> dict:
-        return fields.config_widget_values(presets.config_from_dict(dict(self.settings.defaults)))
+        return fields.config_widget_values(TrainConfig.from_dict(dict(self.settings.defaults)))
 
     def summary(self, values: dict):
         return summarize(values, self.plans)
@@ -179,7 +179,7 @@ class TabController:
         with self._model("the comparison"), self.settings.job_lock():
             host = self.host_factory()
             files = self.saved_files(values)
-            return compare.comparison_grid(lambda p: compare.generate_images(host, p), files, weights, params, progress)
+            return compare.comparison_grid(host.generate, files, weights, params, progress)
 
     def keep(self, values: dict, label: str, final_name: str, replace_existing: bool, delete_epochs: bool) -> str:
         files = {f.label: f for f in self.saved_files(values)}

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..train.config import TrainConfig
-from ..train.presets import config_from_dict
 
 # Section -> group title -> field names. Everything here must be a TrainConfig field (tested).
 LAYOUT: dict[str, dict[str, tuple[str, ...]]] = {
@@ -120,4 +119,4 @@ def config_from_widgets(values: dict[str, Any]) -> TrainConfig:
         converted = _from_widget(specs[name], value)
         if converted is not None:
             plain[name] = converted
-    return config_from_dict(plain)
+    return TrainConfig.from_dict(plain)
