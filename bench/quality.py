@@ -38,6 +38,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", choices=("star", "purple"), default="star")
+    parser.add_argument("--checkpoint", type=Path, help="base model (default: the embedded one)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per base prompt for prior preservation")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo preset options")
     args = parser.parse_args()
@@ -45,11 +46,11 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         steps = []
-        result = run_demo(Path(out), concept=args.concept, config_changes=changes, on_event=lambda e: e.kind == "step" and steps.append(e.step), say=lambda *_: None)
+        result = run_demo(Path(out), concept=args.concept, checkpoint=args.checkpoint, config_changes=changes, on_event=lambda e: e.kind == "step" and steps.append(e.step), say=lambda *_: None)
         train_s = time.perf_counter() - start
         from lib_lora.hosts.standalone import StandaloneHost
 
-        host = StandaloneHost.from_file(None, out_dir=Path(out))
+        host = StandaloneHost.from_file(args.checkpoint, out_dir=Path(out))
         seeds = [100 + i for i in range(args.seeds)]
         name = result.lora_path.stem
         base = measure(host.ckpt, base_prompts(), seeds)

@@ -92,14 +92,15 @@ class DemoResult:
     after: Fidelity
 
 
-def run_demo(out_dir: Path, *, concept: str = "star", config_changes: dict | None = None, on_event: Callable | None = None, say=print) -> DemoResult:
+def run_demo(out_dir: Path, *, concept: str = "star", checkpoint: Path | None = None, config_changes: dict | None = None,
+             on_event: Callable | None = None, say=print) -> DemoResult:
     from ..hosts.standalone import StandaloneHost
     from ..train.presets import demo_config
     from ..train.trainer import train
 
     concept_spec(concept)  # a clear error for an unknown concept before any work
     out_dir = Path(out_dir)
-    host = StandaloneHost.from_file(None, out_dir=out_dir)
+    host = StandaloneHost.from_file(checkpoint, out_dir=out_dir)
     name = fresh_name(host.lora_dir, f"demo-{concept}")
     data = make_lora_dataset(out_dir / "demo" / name / "data", concept=concept, trigger=TRIGGER, n_images=12, repeats=10, seed=0)
     reg = make_reg_dataset(out_dir / "demo" / name / "reg")
