@@ -1,0 +1,315 @@
+"""Builds the embedded tiny base model on a CPU: `python -m lib_lora.demo.build_base --work build/tiny-base`.
+
+Three stages, each resumable from its file in the work folder (saved every few minutes; `--resume`):
+1. vae (build_vae.py): a general codec for the whole world, held-out concepts and any RGB included;
+2. pool: latents of a fixed set of seeded world images of the *seen* concepts only, each with its
+   caption in both styles, tokenized with the real CLIP vocabulary;
+3. diffusion: UNet and CLIP text encoder trained together from scratch on the pool with ldm's
+   objective (eps-prediction on the SD1 schedule), min-SNR weighted (Hang et al. 2023), with 10%
+   empty captions so that classifier-free guidance works, sampled from EMA weights. The noise is
+   multi-resolution (kohya's `pyramid_noise_like`): the SD1 schedule never quite reaches pure noise
+   (Lin et al. 2023), and on 16x16 latents the object's colour stays readable in the low
+   frequencies of x_t at t = 999, so a model trained on white noise takes its colours from the
+   seed's low frequencies instead of the prompt (measured: 0.39 colour accuracy, 1.0 for red,
+   orange, green and white once the seed's 4x4 block means are removed).
+The UNet and text encoder never see a star or anything purple: those are what LoRA demos teach.
+The result is written in ldm layout in fp16 and loads through `load_checkpoint` like any SD1 file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..models.checkpoint import Checkpoint, save_checkpoint
+from ..models.clip_text import TextEncoder
+from ..models.schedule import sd_alphas_cumprod
+from ..models.tokenizer import tokenize_batch
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+from ..train.noise import add_noise, min_snr_weight, pyramid_noise
+from .build_vae import VAESettings, check_images, codec_report, latent_scale, narrow_posterior, to_pixels, train_vae
+from .tiny import DEFAULT_CHECKPOINT, TINY_TEXT, TINY_UNET, TINY_VAE
+from .world import caption, render, sample_scene
+
+POOL_STREAM = 3  # seeds of the pool's scenes: [POOL_STREAM, seed]
+DIFFUSION_STREAM = 4  # seeds of the diffusion batches: [DIFFUSION_STREAM, seed, step]
+CAPTION_STYLES = ("short", "full")
+PYRAMID_LEVELS = 10  # as many as fit: 16x16 latents stop after two or three
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-3
+    caption_dropout: float = 0.1  # share of empty captions, which classifier-free guidance needs
+    min_snr_gamma: float = 5.0
+    noise_discount: float = 0.8  # multi-resolution noise (kohya's multires_noise_discount); 0 for white noise
+    ema_decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything the built weights depend on; a resumed build must be given the same."""
+
+    seed: int = 0
+    pool_size: int = 16_000
+    check_images: int = 128  # full-size images that measure the latent scale and the codec
+    vae: VAESettings = field(default_factory=VAESettings)
+    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+
+
+class BuildError(ValueError):
+    """The work folder does not fit the requested build; the message says what to do."""
+
+
+class StageFile:
+    """One stage's state in the work folder: restored on resume, written atomically every `every_s`
+    seconds and at the end of the stage, so a killed build loses at most that much work."""
+
+    def __init__(self, path: Path, every_s: float):
+        self.path, self.every_s, self.last = path, every_s, time.monotonic()
+
+    def restore(self, parts: dict[str, Any]) -> int:
+        """Load each part's `state_dict` from the file if there is one; the step to continue from."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=True)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        return state["step"]
+
+    def save_if_due(self, step: int, parts: dict[str, Any], final: bool = False) -> None:
+        if final or time.monotonic() - self.last >= self.every_s:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            torch.save({"step": step, **{name: part.state_dict() for name, part in parts.items()}}, tmp)
+            os.replace(tmp, self.path)
+            self.last = time.monotonic()
+
+
+@dataclass(frozen=True)
+class LatentPool:
+    latents: torch.Tensor  # [N, 4, h, w] fp16, already times the VAE's scale_factor
+    tokens: torch.Tensor  # [N, 2, 77] int32: the caption in each of CAPTION_STYLES
+
+
+def pool_scenes(seed: int, count: int) -> list:
+    """`count` scenes of the seen shapes and colours only (sample_scene's defaults)."""
+    rng = np.random.default_rng([POOL_STREAM, seed])
+    return [sample_scene(rng) for _ in range(count)]
+
+
+def caption_tokens(scenes) -> torch.Tensor:
+    """[N, 2, 77] CLIP token ids of each scene's short and full caption (one chunk: captions are short)."""
+    captions = [caption(scene, style) for scene in scenes for style in CAPTION_STYLES]
+    unique = sorted(set(captions))
+    rows = dict(zip(unique, tokenize_batch(unique).tokens[:, 0]))  # caption -> [77]
+    return torch.stack([rows[c] for c in captions]).reshape(len(scenes), len(CAPTION_STYLES), -1).int()
+
+
+@torch.no_grad()
+def encode_scenes(vae: AutoencoderKL, scenes, batch_size: int = 256) -> torch.Tensor:
+    """Scaled posterior means [N, 4, h, w] in fp16 (kohya's latent cache keeps the mean too)."""
+    chunks = [scenes[i : i + batch_size] for i in range(0, len(scenes), batch_size)]
+    return torch.cat([vae.encode(to_pixels([render(s) for s in chunk])).half() for chunk in tqdm(chunks, desc="pool")])
+
+
+def make_pool(vae: AutoencoderKL, seed: int, size: int, path: Path) -> LatentPool:
+    """The pool from `path`, or encoded and saved there."""
+    if not path.exists():
+        scenes = pool_scenes(seed, size)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"latents": encode_scenes(vae, scenes), "tokens": caption_tokens(scenes)}, tmp)
+        os.replace(tmp, path)
+    return LatentPool(**torch.load(path, weights_only=True))
+
+
+class UsedRowsEmbedding(nn.Module):
+    """The token embedding during training: only the rows of ids the captions use are parameters.
+
+    A dense gradient and AdamW update of all 49408 rows would cost more than the UNet's step; the
+    other rows keep their initial values and are what a LoRA's new words start from. The buffers
+    follow from the seed and the pool, so only `weight` is saved with the builder's state.
+    """
+
+    def __init__(self, full: nn.Embedding, used_ids: torch.Tensor):
+        super().__init__()
+        lookup = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+        lookup[used_ids] = torch.arange(len(used_ids))
+        self.register_buffer("table", full.weight.detach().clone(), persistent=False)  # [vocab, width]
+        self.register_buffer("used_ids", used_ids, persistent=False)
+        self.register_buffer("lookup", lookup, persistent=False)
+        self.weight = nn.Parameter(full.weight.detach()[used_ids].clone())  # [n_used, width]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.lookup[tokens], self.weight)
+
+    def full(self) -> nn.Embedding:
+        """An ordinary nn.Embedding with the trained rows written into the full table."""
+        table = self.table.clone()
+        table[self.used_ids] = self.weight.detach()
+        return nn.Embedding.from_pretrained(table, freeze=True)
+
+
+def zero_init_outputs(unet: UNetModel) -> UNetModel:
+    """Zero the last layer of every residual branch and of the UNet, as ldm's `zero_module` does, so
+    training starts from identity blocks."""
+    for module in unet.modules():
+        if hasattr(module, "out_layers"):  # ResBlock
+            nn.init.zeros_(module.out_layers[-1].weight)
+            nn.init.zeros_(module.out_layers[-1].bias)
+        if hasattr(module, "proj_out"):  # SpatialTransformer
+            nn.init.zeros_(module.proj_out.weight)
+            nn.init.zeros_(module.proj_out.bias)
+    nn.init.zeros_(unet.out[-1].weight)
+    nn.init.zeros_(unet.out[-1].bias)
+    return unet
+
+
+def new_denoiser(seed: int, used_ids: torch.Tensor) -> nn.ModuleDict:
+    """Freshly initialised UNet and text encoder (the latter training only the `used_ids` rows)."""
+    torch.manual_seed(seed)
+    text_encoder = TextEncoder(TINY_TEXT)
+    embeddings = text_encoder.transformer.text_model.embeddings
+    embeddings.token_embedding = UsedRowsEmbedding(embeddings.token_embedding, used_ids)
+    return nn.ModuleDict({"unet": zero_init_outputs(UNetModel(TINY_UNET)), "text_encoder": text_encoder})
+
+
+def diffusion_batch(pool: LatentPool, settings: DiffusionSettings, seed: int, step: int, empty: torch.Tensor):
+    """(latents, tokens, noise, timesteps) of `step`, drawn from [seed, stream, step] alone."""
+    rng = np.random.default_rng([DIFFUSION_STREAM, seed, step])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    b = settings.batch_size
+    index = torch.randint(len(pool.latents), (b,), generator=generator)
+    tokens = pool.tokens[index, torch.randint(len(CAPTION_STYLES), (b,), generator=generator)].long()  # [B, 77]
+    tokens[torch.rand(b, generator=generator) < settings.caption_dropout] = empty
+    latents = pool.latents[index].float()  # [B, 4, h, w]
+    noise = torch.randn(latents.shape, generator=generator)
+    if settings.noise_discount:
+        noise = pyramid_noise(noise, PYRAMID_LEVELS, settings.noise_discount, generator)
+    timesteps = torch.randint(0, 1000, (b,), generator=generator)
+    return latents, tokens, noise, timesteps
+
+
+def diffusion_loss(model: nn.ModuleDict, batch, alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR weighted MSE between the UNet's eps prediction and the noise."""
+    latents, tokens, noise, timesteps = batch
+    context = model["text_encoder"](tokens[:, None])  # [B, 77, width]
+    noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
+    error = (model["unet"](noisy, timesteps, context) - noise).pow(2).mean(dim=(1, 2, 3))  # [B]
+    return (error * min_snr_weight(alphas_cumprod, timesteps, gamma, "eps")).mean()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for averaged, current in zip(ema.parameters(), model.parameters()):
+        averaged.lerp_(current, 1.0 - decay)
+
+
+def train_diffusion(model: nn.ModuleDict, pool: LatentPool, settings: DiffusionSettings, seed: int, stage: StageFile):
+    """AdamW with one-cycle cosine lr and clipped gradients; returns the EMA copy of `model`."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05, cycle_momentum=False
+    )
+    parts = {"model": model, "ema": ema, "optimizer": optimizer, "schedule": schedule}
+    step = stage.restore(parts)
+    alphas_cumprod, empty = sd_alphas_cumprod(), tokenize_batch([""]).tokens[0, 0]
+    model.train()
+    with tqdm(total=settings.steps, initial=step, desc="unet+text", unit="step") as bar:
+        while step < settings.steps:
+            batch = diffusion_batch(pool, settings, seed, step, empty)
+            loss = diffusion_loss(model, batch, alphas_cumprod, settings.min_snr_gamma)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            update_ema(ema, model, min(settings.ema_decay, (1 + step) / (10 + step)))  # short warm-up
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            stage.save_if_due(step, parts, final=step == settings.steps)
+    return ema.eval()
+
+
+def export(vae: AutoencoderKL, denoiser: nn.ModuleDict, out: Path, config: BuildConfig) -> None:
+    """The ldm-layout fp16 checkpoint, with the build config in its metadata."""
+    text_encoder = copy.deepcopy(denoiser["text_encoder"])
+    embeddings = text_encoder.transformer.text_model.embeddings
+    embeddings.token_embedding = embeddings.token_embedding.full()
+    ckpt = Checkpoint(unet=denoiser["unet"], vae=vae, text_encoder=text_encoder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(ckpt, out, dtype=torch.float16, extra_metadata={"lib_lora.build_config": json.dumps(asdict(config))})
+
+
+def prepare_work(work: Path, config: BuildConfig, resume: bool) -> None:
+    """Create the work folder with the config in it, or check that the one to resume has the same."""
+    saved = work / "config.json"
+    if resume and saved.exists():
+        if json.loads(saved.read_text()) != json.loads(json.dumps(asdict(config))):
+            raise BuildError(f"{work} holds a build with another config ({saved}); pass the same options or a new --work")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise BuildError(f"{work} is not empty; pass --resume to continue its build, or choose another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(config), indent=1))
+
+
+def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save_every_s: float = 180.0) -> None:
+    """Run (or continue) every stage and write the checkpoint to `out`."""
+    prepare_work(work, config, resume)
+    torch.manual_seed(config.seed)
+    vae = narrow_posterior(AutoencoderKL(TINY_VAE))
+    train_vae(vae, config.vae, config.seed, lambda name: StageFile(work / f"{name}.pt", save_every_s))
+    check = check_images(config.seed, config.check_images)
+    vae.scale_factor = latent_scale(vae, check)
+    print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
+    pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt")
+    used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
+    denoiser = new_denoiser(config.seed, used_ids)
+    ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, StageFile(work / "diffusion.pt", save_every_s))
+    export(vae, ema, out, config)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lib_lora.demo.build_base", description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the resumable state of each stage")
+    parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors to write")
+    parser.add_argument("--resume", action="store_true", help="continue the build in --work")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=DiffusionSettings.steps, help="UNet + text encoder steps")
+    parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
+    parser.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = BuildConfig(
+        seed=args.seed,
+        pool_size=args.pool_size,
+        diffusion=DiffusionSettings(steps=args.steps),
+    )
+    start = time.monotonic()
+    build(config, args.work, args.out, args.resume, args.save_every)
+    print(f"wrote {args.out} in {(time.monotonic() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

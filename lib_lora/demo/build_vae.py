@@ -1,0 +1,155 @@
+"""Stage 1 of building the tiny base model: a KL autoencoder that is a general codec for the world.
+
+Like SD's VAE it must encode and decode whatever a LoRA may later teach, so it trains on every
+shape and colour of the world, the held-out ones included, and on arbitrary RGB colours. The loss
+is ldm's `LPIPSWithDiscriminator` reduced to its pixel term, as MSE (ldm's L1 first collapses to the
+background of these mostly empty images), on a reparameterised posterior sample, plus a small KL to
+N(0, 1) that keeps the latent space smooth. It trains on crops first (the codec is convolutional and
+full 64 px images cost four times as much), then on whole images (`VAE_PHASES`). Colour is what it
+learns last: GroupNorm(32) over 32 channels normalises each channel on its own, so a flat colour
+survives only as a pattern.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..models.pipeline import latents_to_images
+from ..models.vae import AutoencoderKL
+from .analyzer import analyze
+from .world import COLOURS, SHAPES, render, sample_scene
+
+if TYPE_CHECKING:
+    from .build_base import StageFile
+
+VAE_STREAM = 1  # seeds of the VAE's training batches: [VAE_STREAM, seed, phase, step]
+CHECK_STREAM = 2  # seeds of the images that measure the codec and its latent scale: [CHECK_STREAM, seed]
+
+
+@dataclass(frozen=True)
+class VAEPhase:
+    steps: int
+    batch_size: int
+    crop: int  # px, a multiple of the VAE's downsampling factor; 64 trains on whole images
+    lr: float
+
+
+# Crops learn the codec at a quarter of the cost per image; whole images then remove the shift that
+# crop-sized attention and GroupNorm statistics leave (full-size MSE 8x the crops' before, 1.1x after).
+VAE_PHASES = (VAEPhase(steps=2500, batch_size=8, crop=32, lr=3e-3), VAEPhase(steps=800, batch_size=2, crop=64, lr=5e-4))
+
+
+@dataclass(frozen=True)
+class VAESettings:
+    phases: tuple[VAEPhase, ...] = VAE_PHASES
+    kl_weight: float = 1e-4  # per latent element, against the per-pixel reconstruction loss
+
+
+def codec_scenes(rng: np.random.Generator, count: int) -> list:
+    """Every shape; named colours (held-out ones too) and arbitrary RGB colours, alternating."""
+    return [sample_scene(rng, SHAPES, tuple(COLOURS), random_rgb=bool(i % 2)) for i in range(count)]
+
+
+def to_pixels(images) -> torch.Tensor:
+    """PIL RGB images -> [B, 3, H, W] float in [-1, 1], the VAE's input range."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])  # [B, H, W, 3]
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def random_crops(pixels: torch.Tensor, crop: int, grid: int, rng: np.random.Generator) -> torch.Tensor:
+    """One `crop`-sized window per image [B, 3, crop, crop], at offsets on the latent grid."""
+    offsets = rng.integers(0, (pixels.shape[-1] - crop) // grid + 1, size=(len(pixels), 2)) * grid
+    return torch.stack([p[:, y : y + crop, x : x + crop] for p, (y, x) in zip(pixels, offsets)])
+
+
+def vae_batch(phase: VAEPhase, key: list[int], grid: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The batch of `key` ([seed, phase, step]) and the generator of its posterior noise, drawn from
+    the key alone, so a resumed build draws exactly what an uninterrupted one would."""
+    rng = np.random.default_rng([VAE_STREAM, *key])
+    pixels = to_pixels([render(scene) for scene in codec_scenes(rng, phase.batch_size)])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return random_crops(pixels, phase.crop, grid, rng), generator
+
+
+def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float):
+    """(loss, reconstruction part): MSE of a posterior sample's decoding, + kl_weight * KL."""
+    mean, logvar = vae.encode_moments(pixels)  # [B, 4, h, w] each
+    noise = torch.randn(mean.shape, generator=generator)
+    decoded = vae.decoder(vae.post_quant_conv(mean + (0.5 * logvar).exp() * noise))  # [B, 3, H, W]
+    error = decoded - pixels
+    reconstruction = error.pow(2).mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return reconstruction + kl_weight * kl, reconstruction
+
+
+def narrow_posterior(vae: AutoencoderKL, logvar: float = -8.0) -> AutoencoderKL:
+    """Start the posterior's log-variance at `logvar` instead of 0: at unit variance the decoder's
+    input is mostly noise, and Adam needs thousands of steps to move a bias that far by itself."""
+    z = vae.config.z_channels
+    with torch.no_grad():
+        vae.quant_conv.bias[z:] = logvar
+    return vae
+
+
+def train_vae(vae: AutoencoderKL, settings: VAESettings, seed: int, stage_file: Callable[[str], StageFile]) -> None:
+    """The phases in turn, each resumable from its own stage file (see build_base)."""
+    for index, phase in enumerate(settings.phases):
+        train_phase(vae, phase, settings.kl_weight, [seed, index], stage_file(f"vae-{index}"))
+    vae.eval()
+
+
+def train_phase(vae: AutoencoderKL, phase: VAEPhase, kl_weight: float, key: list[int], stage: StageFile) -> None:
+    """AdamW with a one-cycle cosine lr."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=phase.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, phase.lr, total_steps=phase.steps, pct_start=0.05, cycle_momentum=False
+    )
+    parts = {"model": vae, "optimizer": optimizer, "schedule": schedule}
+    step = stage.restore(parts)
+    vae.train()
+    with tqdm(total=phase.steps, initial=step, desc=f"vae {phase.crop}px", unit="step") as bar:
+        while step < phase.steps:
+            pixels, generator = vae_batch(phase, key + [step], vae.config.downsampling_factor)
+            loss, reconstruction = vae_loss(vae, pixels, generator, kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(recon=f"{reconstruction.item():.4f}", loss=f"{loss.item():.4f}")
+            stage.save_if_due(step, parts, final=step == phase.steps)
+
+
+def check_images(seed: int, count: int) -> list:
+    """Full-size images of every shape and colour for measuring the codec (not training batches)."""
+    return [render(scene) for scene in codec_scenes(np.random.default_rng([CHECK_STREAM, seed]), count)]
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, images) -> float:
+    """SD's `scale_factor` recipe: 1 / std of the posterior means, so the UNet sees unit-variance latents."""
+    mean, _ = vae.encode_moments(to_pixels(images))
+    return float(f"{1.0 / mean.std().item():.4g}")
+
+
+@torch.no_grad()
+def codec_report(vae: AutoencoderKL, images) -> str:
+    """Reconstruction PSNR over `images`, and how often the strict analyzer reads the named-colour ones
+    (every other image) the same before and after the round trip."""
+    pixels = to_pixels(images)
+    decoded = vae.decoder(vae.post_quant_conv(vae.encode_moments(pixels)[0])).clamp(-1, 1)
+    psnr = 10 * torch.log10(4.0 / (decoded - pixels).pow(2).mean()).item()
+    named, round_trips = images[::2], latents_to_images(decoded[::2])
+    same = sum(_reading(a) == _reading(b) for a, b in zip(named, round_trips))
+    return f"VAE round trip: PSNR {psnr:.1f} dB, analyzer agrees on {same}/{len(round_trips)} named-colour images"
+
+
+def _reading(image) -> tuple[str | None, str | None]:
+    analysis = analyze(image)
+    return analysis.colour, analysis.shape
