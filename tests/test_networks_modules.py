@@ -48,6 +48,31 @@ def test_hooked_equals_merged_weight(variant, kind):
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
+def test_fused_training_step_matches_plain_sum(kind):
+    """The hook's fused in-place path gives the output and gradients of output + forward_delta(x)."""
+    layer = make_layer(kind)
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=2.0)
+    torch.nn.init.normal_(module.lora_up.weight)
+    module.multiplier = 0.8
+    x = input_for(layer).requires_grad_(True)
+
+    def grads(out):
+        out.square().sum().backward()
+        found = [t.grad.clone() for t in (x, module.lora_down.weight, module.lora_up.weight)]
+        for t in (x, module.lora_down.weight, module.lora_up.weight):
+            t.grad = None
+        return out.detach(), found
+
+    expected = grads(layer(x) + module.forward_delta(x, layer, 0.8))
+    module.apply_to()
+    got = grads(layer(x))
+    module.remove()
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    for g, e in zip(got[1], expected[1]):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_untrained_lora_leaves_output_identical(kind, dtype):
     layer = make_layer(kind, dtype=dtype)

@@ -172,9 +172,12 @@ class AdapterModule(nn.Module):
         """Module dropout (kohya): in training, skip this module for the whole step with probability p."""
         return self.training and self.module_dropout > 0 and bool(torch.rand(()) < self.module_dropout)
 
+    def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
+        """The host's `output` plus strength·forward_delta(x); algorithms with a fused form override it."""
+        return output + self.forward_delta(x, layer, strength).to(output.dtype)
+
     def _forward_hook(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.multiplier == 0 or self._dropped():
             return output
         # The host may be fp16/bf16; the adapter computes in its own (fp32) dtype, the sum is cast back.
-        delta = self.forward_delta(inputs[0].to(self.compute_dtype), layer, self.multiplier)
-        return output + delta.to(output.dtype)
+        return self.add_delta(inputs[0].to(self.compute_dtype), layer, output, self.multiplier)

@@ -103,13 +103,41 @@ class LoRAModule(AdapterModule):
         return [(_as_conv(self.lora_down.weight), {}), (self.lora_mid.weight, host), (_as_conv(self.lora_up.weight), {})]
 
     def forward_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
-        """strength·scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval.
-
-        The scale multiplies the rank-r hidden activations, not the layer-wide output: on a CPU the
-        elementwise passes over full activations, not the thin matmuls, are what LoRA costs.
-        """
+        """strength·scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
         (down, down_geo), *rest = self._factors(layer)
-        h = apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo)  # [B, (T,) r] or [B, r, H, W]
+        h = self._hidden(apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo), layer, strength)
+        for weight, geometry in rest:
+            h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
+        return h
+
+    def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
+        """output + forward_delta(x), fused for plain LoRA on Linear and 1×1-conv hosts.
+
+        The up projection accumulates into the host's output in place (addmm_/baddbmm_: one pass, no
+        layer-wide temporary and add), and a 1×1 down projection is a matmul rather than a conv.
+        On a CPU these layer-wide passes, not the thin matmuls, are most of what LoRA costs. The
+        host layer does not keep its output for its backward, so writing into it is safe.
+        """
+        kind = layer_kind(layer)
+        plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
+        if self.lora_mid is not None or not (kind == "linear" or plain_conv) or output.dtype != x.dtype or not output.is_contiguous():
+            return super().add_delta(x, layer, output, strength)
+        down = self.lora_down.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [r, in]
+        up = self.lora_up.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [out, r]
+        if kind == "linear":
+            h = self._hidden(F.linear(x, down), layer, strength)  # [..., r]
+            output.view(-1, up.shape[0]).addmm_(h.reshape(-1, self.rank), up.t())
+            return output
+        batch, _, height, width = x.shape
+        h = self._hidden(torch.matmul(down, x.flatten(2)).view(batch, self.rank, height, width), layer, strength)
+        output.view(batch, up.shape[0], -1).baddbmm_(up.expand(batch, -1, -1), h.flatten(2))
+        return output
+
+    def _hidden(self, h: torch.Tensor, layer: nn.Module, strength: float) -> torch.Tensor:
+        """down(x) with kohya's dropouts, times strength·scale.
+
+        The scale multiplies the rank-r activations, not the layer-wide output (cheaper on a CPU).
+        """
         scale = self.scale * strength
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
@@ -118,7 +146,4 @@ class LoRAModule(AdapterModule):
             mask = rank_dropout_mask(h.shape[0], self.rank, self.rank_dropout, h.dim() if channel_last else 4, h.device)
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller (kohya)
-        h = h * scale
-        for weight, geometry in rest:
-            h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
-        return h
+        return h * scale
