@@ -61,6 +61,16 @@ def test_twenty_steps_on_a_fixed_batch_lower_the_loss(dataset, host):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+@pytest.mark.parametrize("cache_latents, expected_encodes", [(True, 4), (False, 16)])
+def test_cached_latents_encode_each_image_once(dataset, host, monkeypatch, cache_latents, expected_encodes):
+    """4 images x 2 repeats x 2 epochs: the VAE runs once per image with the cache, once per sample without."""
+    encodes = []
+    real = host.encode_pixels
+    monkeypatch.setattr(host, "encode_pixels", lambda pixels: encodes.append(len(pixels)) or real(pixels))
+    train(config_for(dataset, max_train_epochs=2, cache_latents=cache_latents), host)
+    assert sum(encodes) == expected_encodes
+
+
 def test_existing_lora_is_never_overwritten_silently(dataset, host):
     train(config_for(dataset), host)
     with pytest.raises(ConfigError, match="already exists"):

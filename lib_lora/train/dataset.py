@@ -104,7 +104,7 @@ class BatchEncoder:
         flip = should_flip(self.config.flip_aug, rng)
         resized = self.choices[sample.item].resized_size
         plan = plan_fit(sample.item.size, sample.bucket, random_crop=self.config.random_crop, rng=rng, resized_size=resized)
-        key = self.cache.key_for(sample.item, sample.bucket, plan.crop_box, flip, resized) if self.cache else None
+        key = self.cache.key_for(sample.item, sample.bucket, plan.crop_box, flip, resized) if self.cache is not None else None
         latent = self.cache.get(key) if key else None
         if latent is not None and not self.config.masked_loss:
             return latent, None  # a cache hit never opens the image
