@@ -1,4 +1,4 @@
-"""python bench/base_quality.py [--checkpoint lib_lora/demo/assets/tiny-sd.safetensors] [--seeds 7] [--cfg 7] [--sheet /tmp/base_quality.png]
+"""python bench/base_quality.py [--checkpoint lib_lora/demo/assets/tiny-sd.safetensors] [--seeds 8] [--cfg 7] [--sheet /tmp/base_quality.png]
 
 How well the embedded tiny base draws what it was trained on, and that it does not draw what LoRA
 demos will teach. Every seen colour x seen shape prompt ("a red circle") and a set of held-out
@@ -60,7 +60,7 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]], path: Path) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--seeds", type=int, default=7, help="images per prompt (32 seen prompts)")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt (28 seen prompts: 224 images)")
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--cfg", type=float, default=GenerationParams.cfg_scale)
     parser.add_argument("--sheet", type=Path, default=Path("/tmp/base_quality.png"))

@@ -6,12 +6,12 @@ Three stages, each resumable from its file in the work folder (saved every few m
    caption in both styles, tokenized with the real CLIP vocabulary;
 3. diffusion: UNet and CLIP text encoder trained together from scratch on the pool with ldm's
    objective (eps-prediction on the SD1 schedule), min-SNR weighted (Hang et al. 2023), with 10%
-   empty captions so that classifier-free guidance works, sampled from EMA weights. The noise is
-   multi-resolution (kohya's `pyramid_noise_like`): the SD1 schedule never quite reaches pure noise
-   (Lin et al. 2023), and on 16x16 latents the object's colour stays readable in the low
-   frequencies of x_t at t = 999, so a model trained on white noise takes its colours from the
-   seed's low frequencies instead of the prompt (measured: 0.39 colour accuracy, 1.0 for red,
-   orange, green and white once the seed's 4x4 block means are removed).
+   empty captions so that classifier-free guidance works, sampled from EMA weights, with a noise
+   offset (kohya's `noise_offset`): the SD1 schedule never quite reaches pure noise (Lin et al.
+   2023), and on 16x16 latents the per-channel mean of the starting noise is 4x stronger than on
+   SD's 64x64, so a model trained on white noise takes each image's colour cast from the seed
+   rather than the prompt (measured with bench/base_quality.py: colour 0.55). Multi-resolution
+   noise also fixed the colour (0.86) but made the UNet ignore the shape words (0.00).
 The UNet and text encoder never see a star or anything purple: those are what LoRA demos teach.
 The result is written in ldm layout in fp16 and loads through `load_checkpoint` like any SD1 file.
 """
@@ -38,14 +38,13 @@ from ..models.schedule import sd_alphas_cumprod
 from ..models.tokenizer import tokenize_batch
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
-from ..train.noise import add_noise, min_snr_weight, pyramid_noise
+from ..train.noise import add_noise, min_snr_weight, offset_noise, pyramid_noise
 from .build_vae import VAESettings, check_images, codec_report, latent_scale, narrow_posterior, to_pixels, train_vae
 from .tiny import DEFAULT_CHECKPOINT, TINY_TEXT, TINY_UNET, TINY_VAE
-from .world import caption, render, sample_scene
+from .world import CAPTION_STYLES, caption, render, sample_scene
 
 POOL_STREAM = 3  # seeds of the pool's scenes: [POOL_STREAM, seed]
 DIFFUSION_STREAM = 4  # seeds of the diffusion batches: [DIFFUSION_STREAM, seed, step]
-CAPTION_STYLES = ("short", "full")
 PYRAMID_LEVELS = 10  # as many as fit: 16x16 latents stop after two or three
 
 
@@ -56,7 +55,12 @@ class DiffusionSettings:
     lr: float = 1e-3
     caption_dropout: float = 0.1  # share of empty captions, which classifier-free guidance needs
     min_snr_gamma: float = 5.0
-    noise_discount: float = 0.8  # multi-resolution noise (kohya's multires_noise_discount); 0 for white noise
+    # Noise offset (kohya's noise_offset): a per-channel constant in the noise. 16x16 latents leave the
+    # mean colour of the starting noise so strong that the sampler's seed, not the prompt, sets the
+    # colour; the offset teaches the UNet that the mean is noise. Pyramid noise (kohya's
+    # multires_noise_discount) fixed the colour too but taught the UNet to ignore the shape words.
+    noise_offset: float = 0.15
+    noise_discount: float = 0.0  # multi-resolution noise; 0 for none
     ema_decay: float = 0.999
 
 
@@ -67,6 +71,7 @@ class BuildConfig:
     seed: int = 0
     pool_size: int = 16_000
     check_images: int = 128  # full-size images that measure the latent scale and the codec
+    latent_std: float = 1.0  # of the UNet's latents; below SD's 1 shifts every step toward noise
     vae: VAESettings = field(default_factory=VAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
@@ -197,6 +202,8 @@ def diffusion_batch(pool: LatentPool, settings: DiffusionSettings, seed: int, st
     tokens[torch.rand(b, generator=generator) < settings.caption_dropout] = empty
     latents = pool.latents[index].float()  # [B, 4, h, w]
     noise = torch.randn(latents.shape, generator=generator)
+    if settings.noise_offset:
+        noise = offset_noise(noise, settings.noise_offset, generator)
     if settings.noise_discount:
         noise = pyramid_noise(noise, PYRAMID_LEVELS, settings.noise_discount, generator)
     timesteps = torch.randint(0, 1000, (b,), generator=generator)
@@ -276,7 +283,7 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     vae = narrow_posterior(AutoencoderKL(TINY_VAE))
     train_vae(vae, config.vae, config.seed, lambda name: StageFile(work / f"{name}.pt", save_every_s))
     check = check_images(config.seed, config.check_images)
-    vae.scale_factor = latent_scale(vae, check)
+    vae.scale_factor = latent_scale(vae, check, config.latent_std)
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
     pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt")
     used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
@@ -293,6 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DiffusionSettings.steps, help="UNet + text encoder steps")
     parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
+    parser.add_argument("--latent-std", type=float, default=BuildConfig.latent_std)
+    parser.add_argument("--noise-offset", type=float, default=DiffusionSettings.noise_offset)
+    parser.add_argument("--noise-discount", type=float, default=DiffusionSettings.noise_discount)
     parser.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves")
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
@@ -304,7 +314,8 @@ def main(argv=None) -> None:
     config = BuildConfig(
         seed=args.seed,
         pool_size=args.pool_size,
-        diffusion=DiffusionSettings(steps=args.steps),
+        latent_std=args.latent_std,
+        diffusion=DiffusionSettings(steps=args.steps, noise_offset=args.noise_offset, noise_discount=args.noise_discount),
     )
     start = time.monotonic()
     build(config, args.work, args.out, args.resume, args.save_every)

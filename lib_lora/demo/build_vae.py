@@ -132,10 +132,10 @@ def check_images(seed: int, count: int) -> list:
 
 
 @torch.no_grad()
-def latent_scale(vae: AutoencoderKL, images) -> float:
-    """SD's `scale_factor` recipe: 1 / std of the posterior means, so the UNet sees unit-variance latents."""
+def latent_scale(vae: AutoencoderKL, images, latent_std: float = 1.0) -> float:
+    """SD's `scale_factor` recipe: latent_std / std of the posterior means (SD: unit variance)."""
     mean, _ = vae.encode_moments(to_pixels(images))
-    return float(f"{1.0 / mean.std().item():.4g}")
+    return float(f"{latent_std / mean.std().item():.4g}")
 
 
 @torch.no_grad()

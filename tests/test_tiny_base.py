@@ -1,0 +1,86 @@
+"""The shipped tiny base: it loads like any SD1 file, draws what it was trained on, and its builder still runs."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lib_lora.demo import build_base
+from lib_lora.demo.analyzer import analyze
+from lib_lora.demo.build_base import BuildConfig, BuildError, DiffusionSettings, build, caption_tokens, pool_scenes
+from lib_lora.demo.build_vae import VAEPhase, VAESettings, codec_scenes
+from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE, TINY_TEXT, TINY_UNET, TINY_VAE
+from lib_lora.demo.world import HELD_OUT_COLOURS, HELD_OUT_SHAPES
+from lib_lora.models.checkpoint import load_checkpoint
+from lib_lora.models.pipeline import GenerationParams, generate
+from lib_lora.models.tokenizer import get_tokenizer
+
+SMALL = BuildConfig(
+    pool_size=12,
+    check_images=4,
+    vae=VAESettings(phases=(VAEPhase(steps=2, batch_size=2, crop=32, lr=1e-3), VAEPhase(steps=1, batch_size=1, crop=64, lr=1e-4))),
+    diffusion=DiffusionSettings(steps=3, batch_size=2),
+)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_checkpoint(DEFAULT_CHECKPOINT)
+
+
+def test_shipped_base_is_the_tiny_architecture_with_its_measured_latent_scale(shipped):
+    assert DEFAULT_CHECKPOINT.stat().st_size < 25_000_000
+    assert (shipped.unet.config, shipped.vae.config, shipped.text_encoder.config) == (TINY_UNET, TINY_VAE, TINY_TEXT)
+    assert shipped.vae.scale_factor == float(shipped.metadata["lib_lora.scale_factor"]) != 1.0
+
+
+def test_shipped_base_generates_at_the_default_settings(shipped):
+    (image,) = generate(shipped, GenerationParams(prompt="a red square", width=IMAGE_SIZE, height=IMAGE_SIZE))
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB"
+
+
+def test_shipped_base_is_trained(shipped):
+    """A random model draws noise, which the strict analyzer never reads as a red object."""
+    images = generate(shipped, GenerationParams(prompt="a red square", seed=3, width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=3))
+    assert any(analyze(image).colour == "red" for image in images)
+
+
+def test_unet_and_text_encoder_never_see_held_out_concepts_but_the_vae_does():
+    tokenizer = get_tokenizer()
+    held_out_ids = {i for word in HELD_OUT_SHAPES + HELD_OUT_COLOURS for i in tokenizer.encode(word)}
+    assert not held_out_ids & set(caption_tokens(pool_scenes(0, 500)).flatten().tolist())
+    scenes = codec_scenes(np.random.default_rng(0), 200)
+    assert {s.shape for s in scenes} >= set(HELD_OUT_SHAPES) and {s.colour_name for s in scenes} >= set(HELD_OUT_COLOURS)
+    assert any(s.colour_name is None for s in scenes)  # arbitrary RGB too
+
+
+def test_builder_runs_and_a_resumed_build_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    build(SMALL, tmp_path / "straight", tmp_path / "straight.safetensors")
+    assert load_checkpoint(tmp_path / "straight.safetensors").unet.config == TINY_UNET
+
+    real_batch = build_base.diffusion_batch
+
+    def interrupted(pool, settings, seed, step, empty):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_batch(pool, settings, seed, step, empty)
+
+    monkeypatch.setattr(build_base, "diffusion_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(SMALL, tmp_path / "work", tmp_path / "resumed.safetensors", save_every_s=0)
+    monkeypatch.setattr(build_base, "diffusion_batch", real_batch)
+    build(SMALL, tmp_path / "work", tmp_path / "resumed.safetensors", resume=True)
+    straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_work_folder_is_never_mixed_up(tmp_path):
+    (tmp_path / "stale.pt").write_bytes(b"")
+    with pytest.raises(BuildError, match="--resume"):
+        build(SMALL, tmp_path, tmp_path / "out.safetensors")
+    work = tmp_path / "work"
+    work.mkdir()
+    build_base.prepare_work(work, SMALL, resume=False)
+    with pytest.raises(BuildError, match="another config"):
+        build(BuildConfig(seed=1), work, tmp_path / "out.safetensors", resume=True)
