@@ -44,8 +44,7 @@ def lr_multiplier(step: int, *, scheduler: str, total_steps: int, warmup_steps: 
 def make_optimizer(param_groups: list[dict], *, optimizer_type: str, weight_decay: float, betas: tuple[float, float], eps: float, momentum: float) -> torch.optim.Optimizer:
     """The optimizer over LoRA parameter groups (each group carries its own "lr")."""
     if optimizer_type == "AdamW":
-        # One fused kernel over all tensors (CPU and CUDA) instead of a Python loop over hundreds of LoRA factors.
-        return torch.optim.AdamW(param_groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(param_groups, betas=betas, eps=eps, weight_decay=weight_decay)
     if optimizer_type == "SGD":
         return torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
     if optimizer_type == "Lion":
