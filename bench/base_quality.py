@@ -60,7 +60,7 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]], path: Path) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--seeds", type=int, default=8, help="images per prompt (28 seen prompts: 224 images)")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt (32 seen prompts: 256 images)")
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--cfg", type=float, default=GenerationParams.cfg_scale)
     parser.add_argument("--sheet", type=Path, default=Path("/tmp/base_quality.png"))

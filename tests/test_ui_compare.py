@@ -2,11 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lib_lora.hosts.base import Host
+from lib_lora.hosts.standalone import StandaloneHost
 from lib_lora.models.pipeline import GenerationParams
+from lib_lora.networks.files import save_lora
+from lib_lora.networks.network import make_network
 from lib_lora.ui import compare
 
 
@@ -57,22 +61,18 @@ def test_grid_renders_every_file_at_every_weight_with_one_seed(run_files):
         compare.comparison_grid(generate, [], (1.0,), GenerationParams("x"))
 
 
-class FakeWebuiHost(Host):
-    """A host whose generation parses <lora:...> itself (as the webui's does)."""
-
-    def __init__(self):
-        super().__init__()
-        self.prompts = []
-
-    def encode_pixels(self, pixels):
-        raise NotImplementedError
-
-    def encode_text(self, captions, clip_skip):
-        raise NotImplementedError
-
-    def generate(self, params):
-        self.prompts.append(params.prompt)
-        return [Image.new("RGB", (8, 8))]
+def test_standalone_host_generate_applies_lora_tags_for_that_call_only(tiny_checkpoint_path, tmp_path):
+    """The comparison grid relies on host.generate resolving `<lora:name:w>` from the host's Lora folder."""
+    host = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path, device="cpu")
+    network = make_network(host.unet, host.text_encoder, network_dim=4, network_alpha=4)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.2)
+    save_lora(host.lora_dir / "tagged.safetensors", network.state_dict(), {}, save_dtype=torch.float32)
+    pixels = lambda prompt: np.asarray(host.generate(GenerationParams(prompt, steps=4, width=64, height=64))[0], dtype=float)
+    plain = pixels("a red square")
+    assert np.abs(pixels("a red square <lora:tagged:1>") - plain).mean() > 1.0
+    assert np.array_equal(pixels("a red square"), plain)  # nothing stays applied after the call
 
 
 def test_keep_copies_the_epoch_atomically_and_never_overwrites_silently(run_files):
