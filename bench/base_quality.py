@@ -1,9 +1,9 @@
-"""python bench/base_quality.py [--checkpoint lib_lora/demo/assets/tiny-sd.safetensors] [--seeds 8] [--cfg 7] [--sheet /tmp/base_quality.png]
+"""python bench/base_quality.py [--checkpoint lib_lora/demo/assets/tiny-sd.safetensors] [--seeds 8] [--cfg 7] [--sampler euler_a] [--sheet /tmp/base_quality.png]
 
 How well the embedded tiny base draws what it was trained on, and that it does not draw what LoRA
 demos will teach. Every seen colour x seen shape prompt ("a red circle") and a set of held-out
 prompts ("a star", "a purple circle", ...) are generated with `--seeds` seeds each at the generate
-CLI's defaults (euler, 20 steps, 64x64; cfg as given) and read by the strict analyzer. Prints:
+CLI's defaults (euler_a, 20 steps, 64x64; cfg and sampler as given) and read by the strict analyzer. Prints:
 - colour accuracy: seen-prompt images whose colour is read as the prompt's;
 - colour+shape accuracy: ... whose colour and shape are both read as the prompt's;
 - held-out rate: held-out-prompt images read as a star or as purple (should be near zero);
@@ -23,6 +23,7 @@ from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE  # noqa: E402
 from lib_lora.demo.world import HELD_OUT_COLOURS, HELD_OUT_SHAPES, SEEN_COLOURS, SEEN_SHAPES  # noqa: E402
 from lib_lora.models.checkpoint import load_checkpoint  # noqa: E402
 from lib_lora.models.pipeline import GenerationParams, generate  # noqa: E402
+from lib_lora.models.samplers import SAMPLERS  # noqa: E402
 
 SEEN = [(colour, shape) for colour in SEEN_COLOURS for shape in SEEN_SHAPES]
 HELD_OUT_PROMPTS = [f"a {s}" for s in HELD_OUT_SHAPES] + [f"a {c} {s}" for c in ("red", "blue", "yellow") for s in HELD_OUT_SHAPES]
@@ -34,7 +35,8 @@ ROWS_PER_PANEL = 20
 def read_prompt(ckpt, prompt: str, args) -> tuple[list[Image.Image], list[Analysis]]:
     """`args.seeds` images of one prompt (seeds first_seed, first_seed + 1, ... in one batch) and their readings."""
     params = GenerationParams(
-        prompt=prompt, cfg_scale=args.cfg, seed=args.first_seed, width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=args.seeds
+        prompt=prompt, cfg_scale=args.cfg, seed=args.first_seed, width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=args.seeds,
+        sampler=args.sampler,
     )
     images = generate(ckpt, params)
     readings = [analyze(image) for image in images]
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt (32 seen prompts: 256 images)")
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--cfg", type=float, default=GenerationParams.cfg_scale)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=GenerationParams.sampler)
     parser.add_argument("--sheet", type=Path, default=Path("/tmp/base_quality.png"))
     args = parser.parse_args()
     start = time.monotonic()
@@ -77,7 +80,7 @@ def main() -> None:
     rows = [(f"a {c} {s}", images) for (c, s), (images, _) in seen.items()] + [(p, im) for p, (im, _) in held_out.items()]
     contact_sheet(rows, args.sheet)
     n_seen, n_held = len(seen_readings), len(held_out_readings)
-    print(f"\n{args.checkpoint.name}: euler, {GenerationParams.steps} steps, cfg {args.cfg}, {IMAGE_SIZE}x{IMAGE_SIZE}")
+    print(f"\n{args.checkpoint.name}: {args.sampler}, {GenerationParams.steps} steps, cfg {args.cfg}, {IMAGE_SIZE}x{IMAGE_SIZE}")
     print(f"colour accuracy        {colour_right / n_seen:.3f}  ({colour_right}/{n_seen} seen-prompt images)")
     print(f"colour+shape accuracy  {both_right / n_seen:.3f}  ({both_right}/{n_seen})")
     print(f"held-out rate          {drawn / n_held:.3f}  ({drawn}/{n_held} held-out-prompt images read as star or purple)")

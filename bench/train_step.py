@@ -1,12 +1,13 @@
 """Training step time against its floor, on a full-size random SD1.5 checkpoint.
 
-    python bench/train_step.py [--steps 8] [--size 256] [--rank 16] [--with-text-encoder]
+    python bench/train_step.py [--steps 8] [--rounds 2] [--size 256] [--rank 16] [--with-text-encoder]
 
 Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
 text-encoder outputs) is timed step by step from its own events; the floor is the frozen UNet's
 forward + backward with respect to its input only, the least any LoRA step can cost. Both run in
-this process on the same model; floor runs are taken before and after, and the median of each
-is compared. Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
+this process on the same model, in alternating rounds (floor, trainer, floor, trainer, ..., floor)
+so that a machine whose speed drifts affects both alike; the median of each is compared.
+Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
 """
 
 import argparse
@@ -65,7 +66,8 @@ def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: boo
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="trainer steps timed per round")
+    parser.add_argument("--rounds", type=int, default=2, help="trainer runs, each between two floor runs")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--with-text-encoder", action="store_true")
@@ -75,9 +77,11 @@ def main():
         write_random_sd15(CHECKPOINT)
     host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path(tempfile.mkdtemp()))
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
-    floor = floor_times(host, args.size, 1 + args.steps // 2)[1:]  # first call warms up
-    ours = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder)
-    floor += floor_times(host, args.size, args.steps // 2)
+    floor_times(host, args.size, 1)  # warm-up
+    floor, ours = floor_times(host, args.size, args.steps // 2), []
+    for _ in range(args.rounds):
+        ours += trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder)
+        floor += floor_times(host, args.size, args.steps // 2)
     f, o = statistics.median(floor), statistics.median(ours)
     print(f"floor (UNet fwd+bwd wrt input), median of {len(floor)}: {f * 1000:.0f} ms")
     print(f"trainer step, rank {args.rank}{' + text encoder' if args.with_text_encoder else ''}, median of {len(ours)}: {o * 1000:.0f} ms")

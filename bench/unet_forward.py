@@ -42,7 +42,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     tiny = load_checkpoint(DEFAULT_CHECKPOINT)
     params = GenerationParams(prompt="a red circle", steps=20, width=64, height=64)
-    print(f"generate on the embedded model (64x64, euler, 20 steps, cfg 7), median of {args.runs}: {timed(lambda: generate(tiny, params), args.runs):.2f} s")
+    print(f"generate on the embedded model (64x64, {params.sampler}, 20 steps, cfg 7), median of {args.runs}: {timed(lambda: generate(tiny, params), args.runs):.2f} s")
     if not CHECKPOINT.exists():
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
         write_random_sd15(CHECKPOINT)

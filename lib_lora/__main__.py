@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--width", type=int, help="pixels; default 64 for the embedded model, else 512")
     gen.add_argument("--height", type=int)
-    gen.add_argument("--sampler", choices=SAMPLERS, default="euler")
+    gen.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0])
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--clip-skip", type=int, default=1)
     gen.add_argument("--out", type=Path, default=Path("out/generate.png"))

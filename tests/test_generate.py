@@ -7,7 +7,7 @@ import torch
 from lib_lora.__main__ import main
 from lib_lora.models.checkpoint import load_checkpoint
 from lib_lora.models.pipeline import GenerationParams, generate
-from lib_lora.models.samplers import ddim_sigmas, euler_sigmas, sample_euler
+from lib_lora.models.samplers import SAMPLERS, ddim_sigmas, euler_sigmas, sample_euler
 from lib_lora.models.schedule import NoiseSchedule, sd_alphas_cumprod
 
 
@@ -38,6 +38,23 @@ def test_euler_with_an_exact_denoiser_lands_on_the_clean_image():
     assert torch.allclose(out, x0, atol=1e-6)
 
 
+def test_euler_ancestral_keeps_the_noise_level_of_each_sigma_and_ends_clean():
+    """With a denoiser that always says "zero", each step's state must be pure noise of std sigma_next
+    (sigma_down^2 + sigma_up^2 = sigma_next^2); with an exact one it lands on the clean image."""
+    schedule = NoiseSchedule(sd_alphas_cumprod())
+    sigmas = euler_sigmas(schedule, 10)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 4, 4, 4, generator=generator) * sigmas[0]
+    stds = []
+    for i in range(len(sigmas) - 2):
+        x = sample_euler(lambda x, sigma: torch.zeros_like(x), x, sigmas[i : i + 2], noise=lambda: torch.randn(x.shape, generator=generator))
+        stds.append(x.std().item() / sigmas[i + 1].item())
+    assert all(abs(r - 1) < 0.02 for r in stds), stds
+    x0 = torch.randn(1, 4, 8, 8)
+    out = sample_euler(lambda x, sigma: x0, x0 + sigmas[0] * torch.randn_like(x0), sigmas, noise=lambda: torch.randn(1, 4, 8, 8))
+    assert torch.allclose(out, x0, atol=1e-6)
+
+
 def test_ddim_timesteps_follow_ldm_uniform_spacing():
     schedule = NoiseSchedule(sd_alphas_cumprod())
     sigmas = ddim_sigmas(schedule, 20)
@@ -46,7 +63,7 @@ def test_ddim_timesteps_follow_ldm_uniform_spacing():
     assert sigmas[-1] == schedule.sigmas[0]
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_same_seed_same_image_and_other_seed_differs(tiny, sampler):
     params = GenerationParams(prompt="a red circle", steps=4, width=64, height=64, sampler=sampler, seed=3)
     a, b = generate(tiny, params), generate(tiny, params)
@@ -55,9 +72,11 @@ def test_same_seed_same_image_and_other_seed_differs(tiny, sampler):
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
 
 
-def test_batch_reproduces_single_images_seed_by_seed(tiny):
-    batch = generate(tiny, GenerationParams(prompt="a blue square", steps=3, width=64, height=64, seed=10, batch_size=2))
-    second = generate(tiny, GenerationParams(prompt="a blue square", steps=3, width=64, height=64, seed=11))
+@pytest.mark.parametrize("sampler", ["euler_a", "euler"])
+def test_batch_reproduces_single_images_seed_by_seed(tiny, sampler):
+    """Ancestral samplers too: each image's fresh noise comes from its own seed's generator."""
+    batch = generate(tiny, GenerationParams(prompt="a blue square", steps=3, width=64, height=64, seed=10, batch_size=2, sampler=sampler))
+    second = generate(tiny, GenerationParams(prompt="a blue square", steps=3, width=64, height=64, seed=11, sampler=sampler))
     assert np.abs(np.asarray(batch[1], dtype=int) - np.asarray(second[0], dtype=int)).max() <= 1
 
 

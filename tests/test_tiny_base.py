@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from lib_lora.demo import build_base
 from lib_lora.demo.analyzer import analyze
-from lib_lora.demo.build_base import BuildConfig, BuildError, DiffusionSettings, build, caption_tokens, pool_scenes
+from lib_lora.demo.build_base import BuildConfig, BuildError, DiffusionPhase, DiffusionSettings, build, caption_tokens, pool_scenes
 from lib_lora.demo.build_vae import VAEPhase, VAESettings, codec_scenes
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE, TINY_TEXT, TINY_UNET, TINY_VAE
 from lib_lora.demo.world import HELD_OUT_COLOURS, HELD_OUT_SHAPES
@@ -19,7 +19,7 @@ SMALL = BuildConfig(
     pool_size=12,
     check_images=4,
     vae=VAESettings(phases=(VAEPhase(steps=2, batch_size=2, crop=32, lr=1e-3), VAEPhase(steps=1, batch_size=1, crop=64, lr=1e-4))),
-    diffusion=DiffusionSettings(steps=3, batch_size=2),
+    diffusion=DiffusionSettings(phases=(DiffusionPhase(steps=3, lr=1e-3), DiffusionPhase(steps=2, lr=1e-4)), batch_size=2),
 )
 
 
@@ -61,7 +61,7 @@ def test_builder_runs_and_a_resumed_build_equals_an_uninterrupted_one(tmp_path, 
     real_batch = build_base.diffusion_batch
 
     def interrupted(pool, settings, seed, step, empty):
-        if step == 2:
+        if step == 4:  # in the second phase
             raise KeyboardInterrupt
         return real_batch(pool, settings, seed, step, empty)
 

@@ -22,9 +22,9 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,10 +49,21 @@ PYRAMID_LEVELS = 10  # as many as fit: 16x16 latents stop after two or three
 
 
 @dataclass(frozen=True)
+class DiffusionPhase:
+    steps: int
+    lr: float  # peak of the phase's one-cycle schedule
+
+
+# The second phase restarts at a lower lr from the first one's averaged weights: the polygons' straight
+# sides and corners come late (squares + triangles read right: 4% after the first phase; a 2,000-step
+# trial of the second at lr 3e-4 raised them to 22%, circles and rings staying near 90%).
+DIFFUSION_PHASES = (DiffusionPhase(steps=4000, lr=1e-3), DiffusionPhase(steps=8000, lr=3e-4))
+
+
+@dataclass(frozen=True)
 class DiffusionSettings:
-    steps: int = 4000
+    phases: tuple[DiffusionPhase, ...] = DIFFUSION_PHASES
     batch_size: int = 32
-    lr: float = 1e-3
     caption_dropout: float = 0.1  # share of empty captions, which classifier-free guidance needs
     min_snr_gamma: float = 5.0
     # Noise offset (kohya's noise_offset): a per-channel constant in the noise. 16x16 latents leave the
@@ -225,20 +236,35 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         averaged.lerp_(current, 1.0 - decay)
 
 
-def train_diffusion(model: nn.ModuleDict, pool: LatentPool, settings: DiffusionSettings, seed: int, stage: StageFile):
-    """AdamW with one-cycle cosine lr and clipped gradients; returns the EMA copy of `model`."""
+def train_diffusion(
+    model: nn.ModuleDict, pool: LatentPool, settings: DiffusionSettings, seed: int, stage_file: Callable[[str], StageFile]
+) -> nn.ModuleDict:
+    """The phases in turn, each starting from the previous one's EMA weights; returns the last EMA."""
+    first_step = 0
+    for index, phase in enumerate(settings.phases):
+        ema = train_diffusion_phase(model, pool, settings, phase, seed, first_step, stage_file(f"diffusion-{index}"))
+        model.load_state_dict(ema.state_dict())
+        first_step += phase.steps
+    return ema.eval()
+
+
+def train_diffusion_phase(model, pool, settings, phase: DiffusionPhase, seed: int, first_step: int, stage: StageFile):
+    """AdamW with one-cycle cosine lr and clipped gradients; returns the EMA copy of `model`.
+
+    Batches are numbered across phases (`first_step` + step), so every phase sees fresh ones.
+    """
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05, cycle_momentum=False
+        optimizer, phase.lr, total_steps=phase.steps, pct_start=0.05, cycle_momentum=False
     )
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "schedule": schedule}
     step = stage.restore(parts)
     alphas_cumprod, empty = sd_alphas_cumprod(), tokenize_batch([""]).tokens[0, 0]
     model.train()
-    with tqdm(total=settings.steps, initial=step, desc="unet+text", unit="step") as bar:
-        while step < settings.steps:
-            batch = diffusion_batch(pool, settings, seed, step, empty)
+    with tqdm(total=phase.steps, initial=step, desc=f"unet+text lr {phase.lr:g}", unit="step") as bar:
+        while step < phase.steps:
+            batch = diffusion_batch(pool, settings, seed, first_step + step, empty)
             loss = diffusion_loss(model, batch, alphas_cumprod, settings.min_snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -249,8 +275,8 @@ def train_diffusion(model: nn.ModuleDict, pool: LatentPool, settings: DiffusionS
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            stage.save_if_due(step, parts, final=step == settings.steps)
-    return ema.eval()
+            stage.save_if_due(step, parts, final=step == phase.steps)
+    return ema
 
 
 def export(vae: AutoencoderKL, denoiser: nn.ModuleDict, out: Path, config: BuildConfig) -> None:
@@ -281,14 +307,17 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     prepare_work(work, config, resume)
     torch.manual_seed(config.seed)
     vae = narrow_posterior(AutoencoderKL(TINY_VAE))
-    train_vae(vae, config.vae, config.seed, lambda name: StageFile(work / f"{name}.pt", save_every_s))
+    def stage_file(name: str) -> StageFile:
+        return StageFile(work / f"{name}.pt", save_every_s)
+
+    train_vae(vae, config.vae, config.seed, stage_file)
     check = check_images(config.seed, config.check_images)
     vae.scale_factor = latent_scale(vae, check, config.latent_std)
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
     pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt")
     used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
     denoiser = new_denoiser(config.seed, used_ids)
-    ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, StageFile(work / "diffusion.pt", save_every_s))
+    ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, stage_file)
     export(vae, ema, out, config)
 
 
@@ -298,7 +327,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors to write")
     parser.add_argument("--resume", action="store_true", help="continue the build in --work")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=DiffusionSettings.steps, help="UNet + text encoder steps")
+    parser.add_argument(
+        "--steps", type=int, nargs=len(DIFFUSION_PHASES), default=[p.steps for p in DIFFUSION_PHASES],
+        help=f"UNet + text encoder steps of each phase (lr {', '.join(f'{p.lr:g}' for p in DIFFUSION_PHASES)})",
+    )
     parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
     parser.add_argument("--latent-std", type=float, default=BuildConfig.latent_std)
     parser.add_argument("--noise-offset", type=float, default=DiffusionSettings.noise_offset)
@@ -315,7 +347,11 @@ def main(argv=None) -> None:
         seed=args.seed,
         pool_size=args.pool_size,
         latent_std=args.latent_std,
-        diffusion=DiffusionSettings(steps=args.steps, noise_offset=args.noise_offset, noise_discount=args.noise_discount),
+        diffusion=DiffusionSettings(
+            phases=tuple(replace(phase, steps=steps) for phase, steps in zip(DIFFUSION_PHASES, args.steps)),
+            noise_offset=args.noise_offset,
+            noise_discount=args.noise_discount,
+        ),
     )
     start = time.monotonic()
     build(config, args.work, args.out, args.resume, args.save_every)

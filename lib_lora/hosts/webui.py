@@ -34,7 +34,7 @@ SETTINGS_CATEGORY = "training"  # shown under Settings > Training
 MEDVRAM_POLICIES = ("Train the UNet only", "Refuse")
 JOB = "train-lora"
 MEDVRAM_TEXT_ENCODER = "Under --medvram only the UNet can be trained (the text encoder moves between devices). Choose UNet only, or restart without --medvram."
-_SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}  # lib_lora sampler names -> the webui's
+_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM"}  # lib_lora sampler names -> the webui's
 _CHECKPOINT_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})  # what sd_hijack_checkpoint wraps
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint
-from .samplers import CFGDenoiser, initial_latents, sample_euler, sigmas_for
+from .samplers import SAMPLERS, CFGDenoiser, initial_latents, sample_euler, sigmas_for
 from .schedule import NoiseSchedule, sd_alphas_cumprod
 from .tokenizer import apply_emphasis, tokenize_batch
 
@@ -22,7 +22,7 @@ class GenerationParams:
     seed: int = 0
     width: int = 512
     height: int = 512
-    sampler: str = "euler"
+    sampler: str = SAMPLERS[0]
     batch_size: int = 1
     clip_skip: int = 1
 
@@ -52,9 +52,16 @@ def latent_shape(ckpt: Checkpoint, width: int, height: int) -> tuple[int, int, i
     return ckpt.unet.config.in_channels, height // vae_factor, width // vae_factor
 
 
-def seeded_noise(seed: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """One CPU generator per image (seed, seed+1, ...) as the webui does, so a batch reproduces singles."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+class SeededNoise:
+    """One CPU generator per image (seed, seed+1, ...), as the webui's ImageRNG: the first draw is the
+    starting noise, later ones an ancestral sampler's, so a batch reproduces the same seeds run singly."""
+
+    def __init__(self, seed: int, count: int, shape: tuple[int, ...]):
+        self.generators = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+        self.shape = shape
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
 
 
 def latents_to_images(latents_decoded: torch.Tensor) -> list[Image.Image]:
@@ -85,8 +92,8 @@ def generate(ckpt: Checkpoint, params: GenerationParams, callback: Callable | No
     length = max(cond.shape[1], uncond.shape[1])
     cond, uncond = (pad_with_empty(ckpt, z, length, params.clip_skip) for z in (cond, uncond))
     sigmas = sigmas_for(params.sampler, schedule, params.steps)
-    noise = seeded_noise(params.seed, params.batch_size, shape).to(unet_param.device, unet_param.dtype)
-    x = initial_latents(noise, params.sampler, sigmas[0])
+    noise = SeededNoise(params.seed, params.batch_size, shape)
+    x = initial_latents(noise().to(unet_param.device, unet_param.dtype), params.sampler, sigmas[0])
     denoiser = CFGDenoiser(ckpt.unet, schedule, cond, uncond, params.cfg_scale)
-    latents = sample_euler(denoiser, x, sigmas, callback)
+    latents = sample_euler(denoiser, x, sigmas, callback, noise if params.sampler == "euler_a" else None)
     return latents_to_images(ckpt.vae.decode(latents.to(next(ckpt.vae.parameters()).dtype)))

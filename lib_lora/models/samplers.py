@@ -4,6 +4,9 @@
 `x <- x + (x - x0_hat) / sigma * (sigma_next - sigma)`; written out this is
 `x0_hat + sigma_next * eps_hat`, which is also DDIM with eta = 0, so DDIM here is Euler on DDIM's
 timestep selection (ldm's "uniform" discretisation, `arange(0, 1000, 1000 // steps) + 1`).
+Euler ancestral (the webui's "Euler a", its long-time default) steps down further, to sigma_down, and
+adds fresh noise of std sigma_up (sigma_down^2 + sigma_up^2 = sigma_next^2): the fresh noise lets
+later steps correct what earlier ones got wrong, which a small model needs (bench/base_quality.py).
 """
 
 from collections.abc import Callable
@@ -13,7 +16,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("euler", "ddim")
+SAMPLERS = ("euler_a", "euler", "ddim")  # the first is the default
 
 
 def model_input_scale(sigma: torch.Tensor) -> torch.Tensor:
@@ -69,7 +72,7 @@ def ddim_sigmas(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
 
 
 def sigmas_for(sampler: str, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-    if sampler == "euler":
+    if sampler in ("euler", "euler_a"):
         return euler_sigmas(schedule, steps)
     if sampler == "ddim":
         return ddim_sigmas(schedule, steps)
@@ -78,17 +81,28 @@ def sigmas_for(sampler: str, schedule: NoiseSchedule, steps: int) -> torch.Tenso
 
 def initial_latents(noise: torch.Tensor, sampler: str, sigma_max: torch.Tensor) -> torch.Tensor:
     """Pure noise at the first sigma: k-diffusion scales by sigma_max, ldm DDIM starts from x_T = noise."""
-    scale = sigma_max if sampler == "euler" else (sigma_max**2 + 1) ** 0.5
+    scale = (sigma_max**2 + 1) ** 0.5 if sampler == "ddim" else sigma_max
     return noise * scale.to(noise.dtype)
 
 
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of k-diffusion's `get_ancestral_step` with eta 1."""
+    up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - up**2) ** 0.5, up
+
+
 @torch.no_grad()
-def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, callback: Callable | None = None):
-    """Euler steps from sigmas[0] down to sigmas[-1]; callback(step, total) after each."""
+def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, callback: Callable | None = None,
+                 noise: Callable[[], torch.Tensor] | None = None):
+    """Euler steps from sigmas[0] down to sigmas[-1]; callback(step, total) after each. Given `noise`
+    (fresh unit noise shaped like x on each call), Euler ancestral steps instead."""
     sigmas = sigmas.to(x.device)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
-        x = denoised + (x - denoised) * (sigmas[i + 1] / sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1]) if noise else (sigmas[i + 1], 0)
+        x = denoised + (x - denoised) * (down / sigmas[i])
+        if up > 0:
+            x = x + noise().to(x.device, x.dtype) * up
         if callback is not None:
             callback(i + 1, len(sigmas) - 1)
     return x

@@ -104,7 +104,7 @@ class TrainConfig:
     sample_every_n_epochs: int = _opt(0, "render the sample prompts every N epochs (0 = off)")
     sample_every_n_steps: int = _opt(0, "render the sample prompts every N steps (0 = off)")
     sample_prompts: tuple[str, ...] = _opt((), "kohya prompt lines: 'prompt --n negative --s steps --l cfg --w W --h H --d seed'")
-    sample_sampler: str = _opt("euler", "sampler for samples", choices=SAMPLERS)
+    sample_sampler: str = _opt(SAMPLERS[0], "sampler for samples", choices=SAMPLERS)
     training_comment: str = _opt("", "stored in the file's ss_training_comment")
 
     def __post_init__(self):
