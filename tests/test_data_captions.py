@@ -39,6 +39,13 @@ def test_trigger_words_stay_first_and_count_as_kept():
     assert build(caption="sks, 1girl", trigger_words="sks") == "sks, 1girl"  # not repeated
 
 
+def test_a_trigger_inside_a_sentence_caption_is_not_added_again():
+    """The demo's captions ("a red zkz star") are prompted as written; a prefix would shift every token."""
+    assert build(caption="a red ZKZ star on the left", trigger_words="zkz") == "a red ZKZ star on the left"
+    assert build(caption="a red zkzz star", trigger_words="zkz") == "zkz, a red zkzz star"  # whole words only
+    assert build(caption="a zkz star, outdoors", trigger_words="zkz, mystyle") == "mystyle, a zkz star, outdoors"
+
+
 def test_caption_dropout_at_zero_and_one():
     assert build(caption_dropout_rate=1.0, trigger_words="sks") == ""
     assert all(build(seed, caption_dropout_rate=0.0) == CAPTION for seed in range(10))

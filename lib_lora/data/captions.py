@@ -7,6 +7,8 @@ with ", ". Randomness comes only from the `rng` passed in.
 """
 from __future__ import annotations
 
+import re
+
 from .rng import Rng, rand_float, shuffled
 
 SEPARATOR = ","
@@ -31,7 +33,8 @@ def build_caption(
     """The caption one training step sees.
 
     Trigger words (comma-separated) go in front and are never shuffled or dropped; a caption tag equal
-    to a trigger word is not repeated. `keep_tokens` counts from the front of the caption including
+    to a trigger word is not repeated, and a trigger the caption already uses inside a longer tag (a
+    sentence caption like "a zkz star") is not added, so training sees the caption as it is prompted. `keep_tokens` counts from the front of the caption including
     the trigger words (as in kohya, where the trigger is usually the first tag and keep_tokens=1), and
     at least all trigger words are kept. Only the first line of `caption` is used, as kohya does.
     Caption dropout empties everything, trigger words included (kohya drops its prefix too).
@@ -42,9 +45,10 @@ def build_caption(
         raise ValueError(f"keep_tokens must be 0 or more, got {keep_tokens}")
     if caption_dropout_rate > 0 and rand_float(rng) < caption_dropout_rate:
         return ""
-    triggers = split_tags(trigger_words)
     lines = caption.splitlines()
-    tags = triggers + [tag for tag in split_tags(lines[0] if lines else "") if tag not in triggers]
+    caption_tags = split_tags(lines[0] if lines else "")
+    triggers = [t for t in split_tags(trigger_words) if not any(tag != t and _has_words(tag, t) for tag in caption_tags)]
+    tags = triggers + [tag for tag in caption_tags if tag not in triggers]
     kept_count = max(keep_tokens, len(triggers))
     kept, flexible = tags[:kept_count], tags[kept_count:]
     if shuffle:
@@ -52,6 +56,11 @@ def build_caption(
     if tag_dropout_rate > 0:
         flexible = [tag for tag in flexible if rand_float(rng) >= tag_dropout_rate]
     return JOINER.join(kept + flexible)
+
+
+def _has_words(tag: str, words: str) -> bool:
+    """Whether `words` occur in `tag` as whole words (case-insensitive, as CLIP lowercases)."""
+    return re.search(rf"(?<!\w){re.escape(words.lower())}(?!\w)", tag.lower()) is not None
 
 
 def _check_rate(name: str, rate: float) -> None:

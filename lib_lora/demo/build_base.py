@@ -4,9 +4,10 @@ Three stages, each resumable from its file in the work folder (saved every few m
 1. vae (build_vae.py): a general codec for the whole world, held-out concepts and any RGB included;
 2. pool: latents of a fixed set of seeded world images of the *seen* concepts only, each with its
    caption in both styles, tokenized with the real CLIP vocabulary;
-3. diffusion: UNet and CLIP text encoder trained together from scratch on the pool with ldm's
-   objective (eps-prediction on the SD1 schedule), min-SNR weighted (Hang et al. 2023), with 10%
-   empty captions so that classifier-free guidance works, sampled from EMA weights, with a noise
+3. diffusion: UNet and CLIP text encoder trained together from scratch on the pool, in phases of
+   falling lr (each resumable as `diffusion-<i>`), with ldm's objective (eps-prediction on the SD1
+   schedule), min-SNR weighted (Hang et al. 2023), with 10% empty captions so that classifier-free
+   guidance works, sampled from EMA weights, with a noise
    offset (kohya's `noise_offset`): the SD1 schedule never quite reaches pure noise (Lin et al.
    2023), and on 16x16 latents the per-channel mean of the starting noise is 4x stronger than on
    SD's 64x64, so a model trained on white noise takes each image's colour cast from the seed
@@ -54,10 +55,11 @@ class DiffusionPhase:
     lr: float  # peak of the phase's one-cycle schedule
 
 
-# The second phase restarts at a lower lr from the first one's averaged weights: the polygons' straight
-# sides and corners come late (squares + triangles read right: 4% after the first phase; a 2,000-step
-# trial of the second at lr 3e-4 raised them to 22%, circles and rings staying near 90%).
-DIFFUSION_PHASES = (DiffusionPhase(steps=4000, lr=1e-3), DiffusionPhase(steps=8000, lr=3e-4))
+# Later phases restart at a lower lr from the previous one's averaged weights: circles and rings are
+# right after the first phase, the polygons' straight sides and corners come late (colour + shape by
+# bench/base_quality.py, euler: 0.45 after the first phase, 0.75 after the second; euler_a: 0.87, 0.92
+# after the third).
+DIFFUSION_PHASES = (DiffusionPhase(steps=4000, lr=1e-3), DiffusionPhase(steps=8000, lr=3e-4), DiffusionPhase(steps=5000, lr=2e-4))
 
 
 @dataclass(frozen=True)
