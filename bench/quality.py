@@ -1,10 +1,11 @@
 """Training quality of the demo LoRA on the embedded base model, by the strict analyzer.
 
-    python bench/quality.py [--concept star] [--seeds 4] [--set KEY=VALUE ...]
+    python bench/quality.py [--concept purple|star] [--seeds 4] [--set KEY=VALUE ...]
 
 Trains the demo LoRA (12 images of a concept the base never saw, trigger "zkz") with the demo
 preset (`lib_lora.train.presets.DEMO`, overridable with --set), then prints:
-- concept fidelity: share of images of "a <colour> zkz star" (etc.) that show that concept;
+- concept fidelity: share of images of "a zkz purple <shape>" (or "a <colour> zkz star") that
+  show that concept;
 - prior preservation: colour-and-shape accuracy on prompts the base model knows, with the LoRA at
   weight 1, as a ratio of the same without it (1.0 = the LoRA leaves the rest of the model alone).
 Targets: fidelity >= 0.9 and preservation >= 0.9 in <= 600 steps on CPU.
@@ -37,7 +38,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concept", choices=("star", "purple"), default="star")
+    parser.add_argument("--concept", choices=("purple", "star"), default="purple")
     parser.add_argument("--checkpoint", type=Path, help="base model (default: the embedded one)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per base prompt for prior preservation")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo preset options")

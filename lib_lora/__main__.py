@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ui_command(commands)
     demo = commands.add_parser("demo", help="the main job: teach the embedded model a new concept, show before/after")
     demo.add_argument("--out-dir", type=Path, default=Path("out"))
-    demo.add_argument("--concept", choices=("star", "purple"), default="star")
+    demo.add_argument("--concept", choices=("purple", "star"), default="purple")
     demo.set_defaults(run=_demo)
     return parser
 

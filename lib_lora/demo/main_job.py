@@ -2,8 +2,8 @@
 
     python -m lib_lora demo
 
-Builds a 12-image kohya-style dataset of the held-out concept ("zkz star"), trains a LoRA on the
-embedded tiny model with the demo preset, and writes a grid of the same seeds without and with
+Builds a 12-image kohya-style dataset of a held-out concept ("zkz purple", or `--concept star`),
+trains a LoRA on the embedded tiny model with the demo preset, and writes a grid of the same seeds without and with
 `<lora:NAME:1>`, printing the strict analyzer's concept fidelity before and after.
 """
 
@@ -92,7 +92,7 @@ class DemoResult:
     after: Fidelity
 
 
-def run_demo(out_dir: Path, *, concept: str = "star", checkpoint: Path | None = None, config_changes: dict | None = None,
+def run_demo(out_dir: Path, *, concept: str = "purple", checkpoint: Path | None = None, config_changes: dict | None = None,
              on_event: Callable | None = None, say=print) -> DemoResult:
     from ..hosts.standalone import StandaloneHost
     from ..train.presets import demo_config
