@@ -238,7 +238,7 @@ def test_a_short_run_holds_the_lock_renders_samples_with_the_adapters_and_regist
     assert result.final_path == path and result.steps == 2 and not result.interrupted
     assert all(locked for _, locked, _, _ in seen)
     assert [(c, n) for kind, _, c, n in seen if kind == "step"] == [(2, 1), (2, 2)]
-    assert processing.records == [{"prompt": "zkz star", "clip_skip": 2, "hooks_live": True, "sampler": "Euler"}]
+    assert processing.records == [{"prompt": "zkz star", "clip_skip": 2, "hooks_live": True, "sampler": "Euler a"}]
     assert (state.job_count, state.job_no) == (0, 2)  # state.end() after the run; job_no as training left it
     assert state.current_image is not None  # the sample became the live preview
     assert "w" in webui.networks.available_networks and "list_available_networks" in webui.calls

@@ -39,7 +39,8 @@ def process_images(p):
         calls.append("process_images")
         ckpt = Checkpoint(unet=unet, vae=m.first_stage_model, text_encoder=m.cond_stage_model.wrapped)
         params = GenerationParams(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, cfg_scale=p.cfg_scale, seed=p.seed,
-                                  width=p.width, height=p.height, batch_size=p.batch_size, sampler=p.sampler_name.lower(),
+                                  width=p.width, height=p.height, batch_size=p.batch_size,
+                                  sampler=p.sampler_name.lower().replace(" ", "_"),  # "Euler a" -> euler_a
                                   clip_skip=shared.opts.data["CLIP_stop_at_last_layers"])
         images = generate(ckpt, params)
         shared.state.job_count, shared.state.job_no, shared.state.textinfo = 1, 1, "sampling"  # as processing does
