@@ -35,8 +35,9 @@ def build_caption(
     Trigger words (comma-separated) go in front and are never shuffled or dropped; a caption tag equal
     to a trigger word is not repeated, and a trigger the caption already uses inside a longer tag (a
     sentence caption like "a zkz star") is not added, so training sees the caption as it is prompted.
-    `keep_tokens` counts from the front of the caption including the trigger words (as in kohya, where the trigger is usually the first tag and keep_tokens=1), and
-    at least all trigger words are kept. Only the first line of `caption` is used, as kohya does.
+    `keep_tokens` counts from the front of the caption including the trigger words (as in kohya,
+    where the trigger is usually the first tag and keep_tokens=1), and at least all trigger words
+    are kept. Only the first line of `caption` is used, as kohya does.
     Caption dropout empties everything, trigger words included (kohya drops its prefix too).
     """
     _check_rate("caption_dropout_rate", caption_dropout_rate)
