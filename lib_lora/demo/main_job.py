@@ -3,8 +3,8 @@
     python -m lib_lora demo
 
 Builds a 12-image kohya-style dataset of a held-out concept ("zkz purple", or `--concept star`),
-trains a LoRA on the embedded tiny model with the demo preset, and writes a grid of the same seeds without and with
-`<lora:NAME:1>`, printing the strict analyzer's concept fidelity before and after.
+trains a LoRA on the embedded tiny model with the demo preset, and writes a grid of the same seeds
+without and with `<lora:NAME:1>`, printing the strict analyzer's concept fidelity before and after.
 """
 
 from collections.abc import Callable
