@@ -1,12 +1,13 @@
 """Training step time against its floor, on a full-size random SD1.5 checkpoint.
 
-    python bench/train_step.py [--steps 8] [--rounds 2] [--size 256] [--rank 16] [--with-text-encoder]
+    python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder]
 
 Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
 text-encoder outputs) is timed step by step from its own events; the floor is the frozen UNet's
 forward + backward with respect to its input only, the least any LoRA step can cost. Both run in
 this process on the same model, in alternating rounds (floor, trainer, floor, trainer, ..., floor)
-so that a machine whose speed drifts affects both alike; the median of each is compared.
+and each trainer run is divided by the floor runs on either side of it, so that a machine whose
+speed drifts between minutes affects both sides of each ratio alike; the median ratio is printed.
 Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
 """
 
@@ -67,7 +68,7 @@ def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: boo
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="trainer steps timed per round")
-    parser.add_argument("--rounds", type=int, default=2, help="trainer runs, each between two floor runs")
+    parser.add_argument("--rounds", type=int, default=4, help="trainer runs, each compared with the floor runs just before and after it")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--with-text-encoder", action="store_true")
@@ -78,15 +79,16 @@ def main():
     host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path(tempfile.mkdtemp()))
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
     floor_times(host, args.size, 1)  # warm-up
-    floor, ours = floor_times(host, args.size, args.steps // 2), []
+    before, floor, ours, ratios = floor_times(host, args.size, args.steps // 2), [], [], []
     for _ in range(args.rounds):
-        ours += trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder)
-        floor += floor_times(host, args.size, args.steps // 2)
-    f, o = statistics.median(floor), statistics.median(ours)
-    print(f"floor (UNet fwd+bwd wrt input), median of {len(floor)}: {f * 1000:.0f} ms")
-    print(f"trainer step, rank {args.rank}{' + text encoder' if args.with_text_encoder else ''}, median of {len(ours)}: {o * 1000:.0f} ms")
-    print(f"ratio trainer / floor: {o / f:.3f}x")
-
+        steps = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder)
+        after = floor_times(host, args.size, args.steps // 2)
+        ratios.append(statistics.median(steps) / statistics.median(before + after))  # against the floor around it
+        floor, ours, before = floor + after, ours + steps, after
+    print(f"floor (UNet fwd+bwd wrt input), median of {len(floor)}: {statistics.median(floor) * 1000:.0f} ms")
+    print(f"trainer step, rank {args.rank}{' + text encoder' if args.with_text_encoder else ''}, median of {len(ours)}: {statistics.median(ours) * 1000:.0f} ms")
+    print(f"ratio trainer / floor per round: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"ratio trainer / floor, median of rounds: {statistics.median(ratios):.3f}x")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ from lib_lora.demo.dataset import make_lora_dataset
 from lib_lora.hosts.standalone import StandaloneHost
 from lib_lora.networks.files import load_lora
 from lib_lora.train.config import ConfigError, TrainConfig
-from lib_lora.train.optim import lr_multiplier
+from lib_lora.train.optim import lr_multiplier, make_optimizer
 from lib_lora.train.trainer import TrainingError, train
 
 
@@ -119,6 +119,26 @@ def test_every_optimizer_trains(dataset, host, optimizer):
     weights = load_file(result.final_path)
     ups = [v for k, v in weights.items() if k.endswith("lora_up.weight")]
     assert any(v.abs().sum() > 0 for v in ups), "lora_up starts at zero; a working optimizer moves it"
+
+
+def test_adamw_takes_the_reference_adamw_step():
+    """The fused AdamW we build (one kernel over all LoRA tensors) is the textbook update, decay included."""
+    torch.manual_seed(0)
+    ours_params = [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(16, 8))]
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    initial = [p.detach().clone() for p in ours_params]
+    ours = make_optimizer([{"params": ours_params, "lr": 1e-2}], optimizer_type="AdamW", weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8, momentum=0.0)
+    reference = torch.optim.AdamW(reference_params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, foreach=False)
+    assert ours.defaults["fused"], "this torch has a fused CPU AdamW (2.4+): it should be the one used"
+    for _ in range(3):
+        for p, q in zip(ours_params, reference_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        reference.step()
+    for p, q, start in zip(ours_params, reference_params, initial):
+        assert (p - start).abs().max() > 1e-3  # it moved
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 def test_adamw8bit_without_cuda_is_a_clear_error(dataset, host):

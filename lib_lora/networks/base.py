@@ -142,10 +142,6 @@ class AdapterModule(nn.Module):
             )
 
     # ---- injection, shared -----------------------------------------------------------------------
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def bind(self, layer: nn.Module) -> None:
         """Remember the host layer this module adds to (checked, not yet hooked)."""
         self.check_target(layer)
@@ -179,5 +175,6 @@ class AdapterModule(nn.Module):
     def _forward_hook(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.multiplier == 0 or self._dropped():
             return output
-        # The host may be fp16/bf16; the adapter computes in its own (fp32) dtype, the sum is cast back.
-        return self.add_delta(inputs[0].to(self.compute_dtype), layer, output, self.multiplier)
+        # On an fp16/bf16 host the delta is computed in the host's dtype, as autocast and the webui do: the
+        # adapter's small weights are cast, not the layer-wide activations (fp32 weights keep fp32 grads).
+        return self.add_delta(inputs[0], layer, output, self.multiplier)

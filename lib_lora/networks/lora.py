@@ -105,7 +105,8 @@ class LoRAModule(AdapterModule):
     def forward_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
         """strength·scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
         (down, down_geo), *rest = self._factors(layer)
-        h = self._hidden(apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo), layer, strength)
+        h, scale = self._hidden(apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo), layer, strength)
+        h = h * scale
         for weight, geometry in rest:
             h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
         return h
@@ -113,31 +114,29 @@ class LoRAModule(AdapterModule):
     def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
         """output + forward_delta(x), fused for plain LoRA on Linear and 1×1-conv hosts.
 
-        The up projection accumulates into the host's output in place (addmm_/baddbmm_: one pass, no
-        layer-wide temporary and add), and a 1×1 down projection is a matmul rather than a conv.
-        On a CPU these layer-wide passes, not the thin matmuls, are most of what LoRA costs. The
-        host layer does not keep its output for its backward, so writing into it is safe.
+        The up projection and the sum are one addmm/baddbmm with the scale as its alpha (no layer-wide
+        temporary, no separate add or multiply), and a 1×1 down projection is a matmul rather than a
+        conv. The fewer ops per adapter matter twice: on a CPU the layer-wide passes are most of what
+        LoRA costs, and a GPU at batch 1 waits on each op's launch. Out of place on purpose: an
+        in-place add into a view of the output makes autograd copy the whole gradient in backward.
         """
         kind = layer_kind(layer)
         plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
-        if self.lora_mid is not None or not (kind == "linear" or plain_conv) or output.dtype != x.dtype or not output.is_contiguous():
+        if self.lora_mid is not None or not (kind == "linear" or plain_conv):
             return super().add_delta(x, layer, output, strength)
+        x = x.to(output.dtype)  # under autocast a layer may take fp32 in and give fp16 out
         down = self.lora_down.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [r, in]
         up = self.lora_up.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [out, r]
         if kind == "linear":
-            h = self._hidden(F.linear(x, down), layer, strength)  # [..., r]
-            output.view(-1, up.shape[0]).addmm_(h.reshape(-1, self.rank), up.t())
-            return output
+            h, scale = self._hidden(F.linear(x, down), layer, strength)  # [..., r]
+            return torch.addmm(output.reshape(-1, up.shape[0]), h.reshape(-1, self.rank), up.t(), alpha=scale).view(output.shape)
         batch, _, height, width = x.shape
-        h = self._hidden(torch.matmul(down, x.flatten(2)).view(batch, self.rank, height, width), layer, strength)
-        output.view(batch, up.shape[0], -1).baddbmm_(up.expand(batch, -1, -1), h.flatten(2))
-        return output
+        h, scale = self._hidden(torch.matmul(down, x.flatten(2)).view(batch, self.rank, height, width), layer, strength)
+        product = torch.baddbmm(output.reshape(batch, up.shape[0], -1), up.expand(batch, -1, -1), h.flatten(2), alpha=scale)
+        return product.view(output.shape)
 
-    def _hidden(self, h: torch.Tensor, layer: nn.Module, strength: float) -> torch.Tensor:
-        """down(x) with kohya's dropouts, times strength·scale.
-
-        The scale multiplies the rank-r activations, not the layer-wide output (cheaper on a CPU).
-        """
+    def _hidden(self, h: torch.Tensor, layer: nn.Module, strength: float) -> tuple[torch.Tensor, float]:
+        """down(x) with kohya's dropouts, and the factor strength·scale its up projection is multiplied by."""
         scale = self.scale * strength
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
@@ -146,4 +145,4 @@ class LoRAModule(AdapterModule):
             mask = rank_dropout_mask(h.shape[0], self.rank, self.rank_dropout, h.dim() if channel_last else 4, h.device)
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller (kohya)
-        return h * scale
+        return h, scale
