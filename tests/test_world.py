@@ -182,6 +182,9 @@ def test_purple_dataset_uses_seen_shapes(tmp_path):
         assert "pvx purple" in text, text
         analysis = analyze(image)
         assert analysis.colour == "purple" and analysis.shape in world.SEEN_SHAPES
+    # every seen shape is shown, in turn, so none is left with a single example
+    shapes = [analyze(image).shape for image, _ in pairs]
+    assert shapes == [world.SEEN_SHAPES[i % len(world.SEEN_SHAPES)] for i in range(8)]
 
 
 def test_dataset_is_seeded(tmp_path):

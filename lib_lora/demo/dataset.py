@@ -46,8 +46,10 @@ def make_lora_dataset(out_dir, concept: str = "star", trigger: str = "zkz", n_im
     `out_dir` (the folder a trainer takes as its dataset).
 
     Captions put the trigger before the concept word: "a red zkz star on the left", "a zkz purple
-    circle". A non-empty `out_dir` is refused unless `overwrite=True`, which replaces the image
-    folder and leaves anything else in `out_dir` alone.
+    circle". The images take the concept's shapes (or colours) in turn, as a curated dataset shows
+    its subject in every setting: 12 random draws can leave a shape with one example, which the
+    LoRA then draws badly. A non-empty `out_dir` is refused unless `overwrite=True`, which
+    replaces the image folder and leaves anything else in `out_dir` alone.
     """
     spec = concept_spec(concept)
     _check_arguments(trigger, n_images, repeats)
@@ -56,13 +58,18 @@ def make_lora_dataset(out_dir, concept: str = "star", trigger: str = "zkz", n_im
     _prepare(out_dir, folder, overwrite)
     rng = np.random.default_rng(seed)
     for index in range(n_images):
-        scene = sample_scene(rng, spec.shapes, spec.colours)
+        scene = sample_scene(rng, _in_turn(spec.shapes, index), _in_turn(spec.colours, index))
         description = describe(scene)
         marked = replace(description, **{spec.part: f"{trigger} {getattr(description, spec.part)}"})
         stem = folder / f"img_{index:03d}"
         render(scene, size).save(stem.with_suffix(".png"))
         stem.with_suffix(".txt").write_text(marked.text(str(rng.choice(CAPTION_STYLES))) + "\n")
     return out_dir
+
+
+def _in_turn(options: tuple[str, ...], index: int) -> tuple[str]:
+    """The one option image `index` shows, cycling through all of them."""
+    return (options[index % len(options)],)
 
 
 def _check_arguments(trigger: str, n_images: int, repeats: int) -> None:

@@ -30,6 +30,7 @@ class Fidelity:
     concept: float  # share of images that show the concept (strict analyzer)
     colour: float  # share whose colour is the prompted one
     images: list  # PIL images, prompt-major
+    per_prompt: dict[str, float]  # prompt -> share of its images that show the concept
 
 
 def make_reg_dataset(out_dir: Path, n_images: int = 48, seed: int = 1000) -> Path:
@@ -53,17 +54,19 @@ def concept_prompts(concept: str, trigger: str = TRIGGER) -> list[tuple[str, str
 
 def measure(ckpt: Checkpoint, prompts: list[tuple[str, str, str]], seeds, *, lora: str = "", lora_dirs=(), steps: int = 20) -> Fidelity:
     """Generate every prompt at every seed (optionally with `<lora:NAME:1>`) and score with the analyzer."""
-    images, concept_hits, colour_hits = [], 0, 0
+    images, per_prompt, colour_hits = [], {}, 0
     for prompt, colour, shape in prompts:
+        hits = 0
         for seed in seeds:
             text = f"{prompt} <lora:{lora}:1>" if lora else prompt
             (image,) = generate_with_loras(ckpt, GenerationParams(prompt=text, seed=seed, steps=steps, width=64, height=64), lora_dirs)
             result = analyze(image)
-            concept_hits += result.shape == shape and result.colour == colour
+            hits += result.shape == shape and result.colour == colour
             colour_hits += result.colour == colour
             images.append(image)
+        per_prompt[prompt] = hits / len(seeds)
     n = len(prompts) * len(seeds)
-    return Fidelity(concept_hits / n, colour_hits / n, images)
+    return Fidelity(sum(per_prompt.values()) / len(prompts), colour_hits / n, images, per_prompt)
 
 
 def fresh_name(folder: Path, stem: str) -> str:
