@@ -114,8 +114,8 @@ class LoRAModule(AdapterModule):
     def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
         """output + forward_delta(x), fused for plain LoRA on Linear and 1×1-conv hosts.
 
-        The up projection and the sum are one addmm/baddbmm with the scale as its alpha (no layer-wide
-        temporary, no separate add or multiply), and a 1×1 down projection is a matmul rather than a
+        The up projection and the sum are one addmm/baddbmm with the scale as its alpha (one layer-wide
+        pass, no separate add or multiply), and a 1×1 down projection is a matmul rather than a
         conv. The fewer ops per adapter matter twice: on a CPU the layer-wide passes are most of what
         LoRA costs, and a GPU at batch 1 waits on each op's launch. Out of place on purpose: an
         in-place add into a view of the output makes autograd copy the whole gradient in backward.
