@@ -42,13 +42,13 @@ def parse_overrides(pairs: list[str]) -> dict:
     return {key: getattr(config, key) for key in values}
 
 
-def train_and_measure(args, changes: dict, concept_seeds, base_seeds):
+def train_and_measure(args, ckpt, changes: dict, concept_seeds, base_seeds):
     """Train one demo LoRA with `changes`; (fidelity with the trigger, base prompts with the LoRA, steps, seconds)."""
     with tempfile.TemporaryDirectory() as out:
         start, steps = time.perf_counter(), []
         result = run_demo(Path(out), concept=args.concept, checkpoint=args.checkpoint, config_changes=changes, on_event=lambda e: e.kind == "step" and steps.append(e.step), say=lambda *_: None)
         seconds = time.perf_counter() - start
-        ckpt, name, folder = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT), result.lora_path.stem, [result.lora_path.parent]
+        name, folder = result.lora_path.stem, [result.lora_path.parent]
         after = measure(ckpt, concept_prompts(args.concept), concept_seeds, lora=name, lora_dirs=folder)
         with_lora = measure(ckpt, base_prompts(), base_seeds, lora=name, lora_dirs=folder)
     return after, with_lora, max(steps), seconds
@@ -70,16 +70,17 @@ def main():
     print(f"preset overrides: {changes or 'none'}; base model: concept fidelity {before.concept:.2f}, base prompts {base.concept:.2f} ({len(base.images)} images)")
     first_seed, fidelities, ratios = changes.get("seed", TrainConfig().seed), [], []
     for seed in range(first_seed, first_seed + args.train_seeds):
-        after, with_lora, steps, seconds = train_and_measure(args, {**changes, "seed": seed}, concept_seeds, base_seeds)
+        after, with_lora, steps, seconds = train_and_measure(args, ckpt, {**changes, "seed": seed}, concept_seeds, base_seeds)
         ratio = with_lora.concept / base.concept if base.concept else float("nan")
         fidelities.append(after.concept)
         ratios.append(ratio)
-        print(f"training seed {seed}: {steps} steps, train + evaluation {seconds:.0f} s")
+        print(f"training seed {seed}: {steps} steps, training and the demo's grid {seconds:.0f} s")
         print(f"  concept fidelity with trigger: {after.concept:.2f} ({len(after.images)} images; right colour {after.colour:.2f})")
         print("  by prompt: " + ", ".join(f"{prompt!r} {share:.2f}" for prompt, share in after.per_prompt.items()))
         print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x")
     if len(fidelities) > 1:
         print(f"mean over {len(fidelities)} training seeds: fidelity {statistics.mean(fidelities):.2f} (min {min(fidelities):.2f}), preservation {statistics.mean(ratios):.2f}x (min {min(ratios):.2f}x)")
+
 
 if __name__ == "__main__":
     main()
