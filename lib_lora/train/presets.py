@@ -20,22 +20,26 @@ from .config import ConfigError, TrainConfig, _toml_value
 PRESET_EXCLUDED = frozenset({"train_data_dir", "reg_data_dir", "trigger_words", "output_name", "output_dir", "training_comment", "sample_prompts"})
 NAME_LINE, WHY_LINE = "# preset: ", "# why: "
 
-# Tuned with bench/quality.py on the embedded tiny model (64 px, CPU): see the README for figures.
-# The text encoder's lr is the lever: a LoRA learnt mostly in the UNet changes the unconditional
-# prediction as much as the conditional one, and classifier-free guidance then cancels it (purple,
-# 600 steps: te 5e-4 -> fidelity 0.00; te 5e-3 -> 0.56). A lower UNet lr keeps the base's other
-# prompts (preservation 0.79x at 1e-3, 0.94x at 5e-4). Empty captions teach the LoRA the
-# unconditional branch too: 20% of them gave fidelity 0.77-0.86 (mean 0.82) at preservation
-# 0.95-0.98x over six training seeds (10%: 0.84 / 0.91x; 30%: 0.81 / 1.03x, one seed each). Batch 12
-# at the same 600 steps averaged 0.85 over four seeds: within the seed-to-seed spread, so the
-# faster batch 8 stays.
+# Tuned with bench/quality.py on the embedded tiny model (64 px, CPU), 600 steps, 128 images per
+# fidelity figure; see the README. The text encoder's lr is the lever: a LoRA learnt mostly in the UNet
+# changes the unconditional prediction as much as the conditional one, and classifier-free guidance then
+# cancels it (te 5e-4 -> fidelity 0.00 on an earlier base). A lower UNet lr keeps the base's other
+# prompts (preservation 0.79x at 1e-3, 0.94x at 5e-4, earlier base). Rank 16 (alpha 16, scale 1) draws
+# the new concept's shapes better than rank 8: fidelity 0.87 / 0.85 / 0.87 at training seeds 42-44
+# against 0.83 / 0.83 / 0.77, and 0.88 mean (0.83-0.94) over seeds 42-47 at preservation 0.92-1.02x.
+# Rank 32 scored 0.90 and 0.92 but collapsed at seed 43 (every prompt a purple ring, preservation
+# 0.03x), as rank 16 did with a constant lr: the cosine decay is what keeps this high te lr stable.
+# 20% empty captions teach the LoRA the unconditional branch too (rank 8: 10% -> 0.84 / 0.91x,
+# 30% -> 0.81 / 1.03x, one seed each). At rank 16, batch 12 x 30 epochs (the same 600 steps) averaged
+# 0.88 at seeds 42-44 but kept only 0.87x of the base at seed 43; at rank 8, the base's own noise offset
+# (0.15) gave 0.84 at 0.90-0.99x.
 DEMO = dict(
     resolution=(64, 64),
     network_type="locon",
-    network_dim=8,
-    network_alpha=8.0,
-    conv_dim=8,
-    conv_alpha=8.0,
+    network_dim=16,
+    network_alpha=16.0,
+    conv_dim=16,
+    conv_alpha=16.0,
     train_batch_size=8,
     max_train_epochs=20,
     learning_rate=5e-4,
