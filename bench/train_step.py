@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_lora.models.sd15 import write_random_sd15  # noqa: E402
 from lib_lora.train.config import TrainConfig  # noqa: E402
+from lib_lora.train.cpu_memory import keep_freed_memory  # noqa: E402
 from lib_lora.train.trainer import train  # noqa: E402
 
 CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
@@ -77,6 +78,8 @@ def main():
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
         write_random_sd15(CHECKPOINT)
     host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path(tempfile.mkdtemp()))
+    if host.device.type == "cpu":
+        keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
     floor_times(host, args.size, 1)  # warm-up
     before, floor, ours, ratios = floor_times(host, args.size, args.steps // 2), [], [], []

@@ -18,6 +18,7 @@ import torch
 
 from ..networks.network import make_network
 from .config import TrainConfig
+from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
@@ -87,6 +88,8 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     )
     host.clear_interrupt()
     host.set_gradient_checkpointing(config.gradient_checkpointing)
+    if host.device.type == "cpu":
+        keep_freed_memory()  # a fifth of a CPU step was page faults (see cpu_memory.py)
     try:
         with network:  # hooks live only inside; removed even on errors
             return _run(config, host, data, network, run, resume, emit)
