@@ -4,7 +4,7 @@ glibc hands large freed blocks straight back to the OS: blocks above its mmap th
 32 MiB by its own dynamic rule) are unmapped on free, and a heap top above its trim threshold is cut
 off. A training step frees its activations and allocates them again on the next step, so each step
 then faults every page of them back in: about 600,000 minor page faults per step for SD1.5 at 256 px,
-a fifth of the step's time on 2 cores (2,550 -> 2,050 ms per trainer step, `bench/train_step.py`).
+a fifth of the step's time on 2 cores (trainer step about 2.55 s before, 2.07 s after).
 Raising both thresholds lets malloc reuse the memory instead. The cost is that the process keeps its
 peak memory until it exits, which a CPU training run reaches anyway at its first step.
 """
