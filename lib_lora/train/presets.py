@@ -28,7 +28,7 @@ NAME_LINE, WHY_LINE = "# preset: ", "# why: "
 # the new concept's shapes better than rank 8: fidelity 0.87 / 0.85 / 0.87 at training seeds 42-44
 # against 0.83 / 0.83 / 0.77, and 0.88 mean (0.83-0.94) over seeds 42-47 at preservation 0.92-1.02x.
 # Rank 32 scored 0.90 and 0.92 but collapsed at seed 43 (every prompt a purple ring, preservation
-# 0.03x), as rank 16 did with a constant lr: the cosine decay is what keeps this high te lr stable.
+# 0.03x), and so did rank 16 with a constant lr (0.02x): the cosine decay keeps this high te lr stable.
 # 20% empty captions teach the LoRA the unconditional branch too (rank 8: 10% -> 0.84 / 0.91x,
 # 30% -> 0.81 / 1.03x, one seed each). At rank 16, batch 12 x 30 epochs (the same 600 steps) averaged
 # 0.88 at seeds 42-44 but kept only 0.87x of the base at seed 43; at rank 8, the base's own noise offset
