@@ -8,7 +8,9 @@ preset (`lib_lora.train.presets.DEMO`, overridable with --set), then prints:
   show that concept, over 4 prompts x `--concept-seeds` seeds (the demo's own grid has only 4
   seeds, too few for a figure: one image moves it by 0.06);
 - prior preservation: colour-and-shape accuracy on prompts the base model knows, with the LoRA at
-  weight 1, as a ratio of the same without it (1.0 = the LoRA leaves the rest of the model alone).
+  weight 1, as a ratio of the same without it (1.0 = the LoRA leaves the rest of the model alone);
+- first, how well the base draws each seen shape in its seen colours: a LoRA's new colour is drawn
+  with the base's shapes, so its squares stay near the base's own.
 Targets: fidelity >= 0.9 and preservation >= 0.9 in <= 600 steps on CPU. One training run is one
 draw: between training seeds fidelity moves by up to +-0.1 (squares most), so compare settings with
 `--train-seeds 3`, which trains seed, seed+1, seed+2 and prints the mean and the minimum too.
@@ -33,6 +35,11 @@ from lib_lora.train.config import TrainConfig  # noqa: E402
 def base_prompts() -> list[tuple[str, str, str]]:
     """Every seen colour with every seen shape: what the LoRA must not break."""
     return [(f"a {c} {s}", c, s) for c in SEEN_COLOURS for s in SEEN_SHAPES]
+
+
+def by_shape(fidelity) -> dict[str, float]:
+    """Share right per seen shape over all seen colours: the base's own accuracy bounds what a LoRA's shapes reach."""
+    return {shape: statistics.mean(fidelity.per_prompt[f"a {c} {shape}"] for c in SEEN_COLOURS) for shape in SEEN_SHAPES}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -68,6 +75,7 @@ def main():
     ckpt = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
     before, base = measure(ckpt, concept_prompts(args.concept), concept_seeds), measure(ckpt, base_prompts(), base_seeds)
     print(f"preset overrides: {changes or 'none'}; base model: concept fidelity {before.concept:.2f}, base prompts {base.concept:.2f} ({len(base.images)} images)")
+    print("  base prompts by shape (how well the base itself draws each shape): " + ", ".join(f"{shape} {share:.2f}" for shape, share in by_shape(base).items()))
     first_seed, fidelities, ratios = changes.get("seed", TrainConfig().seed), [], []
     for seed in range(first_seed, first_seed + args.train_seeds):
         after, with_lora, steps, seconds = train_and_measure(args, ckpt, {**changes, "seed": seed}, concept_seeds, base_seeds)
