@@ -26,7 +26,8 @@ NAME_LINE, WHY_LINE = "# preset: ", "# why: "
 # cancels it (te 5e-4 -> fidelity 0.00 on an earlier base). A lower UNet lr keeps the base's other
 # prompts (preservation 0.79x at 1e-3, 0.94x at 5e-4, earlier base). Rank 16 (alpha 16, scale 1) draws
 # the new concept's shapes better than rank 8: fidelity 0.87 / 0.85 / 0.87 at training seeds 42-44
-# against 0.83 / 0.83 / 0.77, and 0.88 mean (0.83-0.94) over seeds 42-47 at preservation 0.92-1.02x.
+# against 0.83 / 0.83 / 0.77, and 0.88 mean (0.83-0.94) over seeds 42-47 at preservation 0.92-1.02x
+# (0.87 over seeds 42-53, preservation down to 0.90x).
 # Rank 32 scored 0.90 and 0.92 but collapsed at seed 43 (every prompt a purple ring, preservation
 # 0.03x), and so did rank 16 with a constant lr (0.02x): the cosine decay keeps this high te lr stable.
 # 20% empty captions teach the LoRA the unconditional branch too (rank 8: 10% -> 0.84 / 0.91x,
