@@ -3,14 +3,14 @@
     python bench/quality.py [--concept purple|star] [--train-seeds 1] [--concept-seeds 32] [--seeds 4] [--set KEY=VALUE ...]
 
 Trains the demo LoRA (12 images of a concept the base never saw, trigger "zkz") with the demo
-preset (`lib_lora.train.presets.DEMO`, overridable with --set), then prints:
+preset (`lib_lora.train.presets.DEMO`, overridable with --set). First it prints how well the base
+draws each seen shape in its seen colours: a LoRA's new colour is drawn with the base's shapes, so
+its squares stay near the base's own. Then, for each training seed:
 - concept fidelity: share of images of "a zkz purple <shape>" (or "a <colour> zkz star") that
   show that concept, over 4 prompts x `--concept-seeds` seeds (the demo's own grid has only 4
   seeds, too few for a figure: one image moves it by 0.06);
 - prior preservation: colour-and-shape accuracy on prompts the base model knows, with the LoRA at
-  weight 1, as a ratio of the same without it (1.0 = the LoRA leaves the rest of the model alone);
-- first, how well the base draws each seen shape in its seen colours: a LoRA's new colour is drawn
-  with the base's shapes, so its squares stay near the base's own.
+  weight 1, as a ratio of the same without it (1.0 = the LoRA leaves the rest of the model alone).
 Targets: fidelity >= 0.9 and preservation >= 0.9 in <= 600 steps on CPU. One training run is one
 draw: between training seeds fidelity moves by up to +-0.1 (squares most), so compare settings with
 `--train-seeds 3`, which trains seed, seed+1, seed+2 and prints the mean and the minimum too.
