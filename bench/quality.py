@@ -12,7 +12,7 @@ its squares stay near the base's own. Then, for each training seed:
 - prior preservation: colour-and-shape accuracy on prompts the base model knows, with the LoRA at
   weight 1, as a ratio of the same without it (1.0 = the LoRA leaves the rest of the model alone).
 Targets: fidelity >= 0.9 and preservation >= 0.9 in <= 600 steps on CPU. One training run is one
-draw: between training seeds fidelity moves by up to +-0.05 (+-0.1 at batch 8), so compare settings with
+draw: between training seeds fidelity moves by up to +-0.03 (+-0.1 at batch 8), so compare settings with
 `--train-seeds 3`, which trains seed, seed+1, seed+2 and prints the mean and the minimum too.
 """
 
