@@ -64,6 +64,10 @@ def test_step_math_describe_and_bucket_rounding():
     assert math_.describe() == (
         "12 images x 10 repeats = 120 samples / batch 2 = 60 steps per epoch x 4 epochs = 240 optimizer steps"
     )
+    with_reg = step_math(240, 75, 30, num_images=12, num_reg_samples=120)
+    assert with_reg.total_steps == 600 and with_reg.describe().startswith(
+        "12 images x 10 repeats = 120 samples + 120 regularization = 240 samples / batch 30 = 8 steps per epoch"
+    )
     bucketed = step_math(15, 2, 4, bucket_sizes=[9, 6])
     assert bucketed.batches_per_epoch == 5 and bucketed.total_steps == 10
     assert "(rounded up per bucket)" in bucketed.describe()

@@ -26,6 +26,16 @@ def test_step_math_is_images_times_repeats_times_epochs_over_batch(dataset):
     assert "90 steps" in summary_html(summary) and "10_zkz" in repeats_html(summary)
 
 
+def test_step_math_counts_regularization_samples_apart(dataset, tmp_path):
+    """Kohya balances reg samples to the train samples; the line must not fold them into the repeats."""
+    reg = make_lora_dataset(tmp_path / "reg", concept="purple", trigger="shape", n_images=4, repeats=1)
+    summary = planning.summarize(widgets(train_data_dir=str(dataset), reg_data_dir=str(reg), train_batch_size=4, max_train_epochs=3))
+    assert summary.steps_text.startswith(
+        "12 images x 10 repeats = 120 samples + 120 regularization = 240 samples / batch 4 = 60 steps per epoch x 3 epochs"
+    )
+    assert summary.total_steps == 180
+
+
 @pytest.mark.parametrize("changes, expected", [
     (dict(network_dim=4, network_alpha=8.0), "network_alpha 8.0 > network_dim 4"),
     (dict(network_type="locon", conv_dim=2, conv_alpha=4.0), "conv_alpha 4.0 > conv_dim 2"),

@@ -112,6 +112,7 @@ class StepMath:
     total_steps: int  # optimizer steps actually taken: epochs x steps per epoch, capped by max_train_steps
     num_images: int | None = None
     max_train_steps: int | None = None
+    num_reg_samples: int = 0  # of num_samples; kohya balances them against the train samples
 
     def describe(self) -> str:
         """E.g. "12 images x 10 repeats = 120 samples / batch 2 = 60 steps per epoch x 4 epochs = 240 optimizer steps"."""
@@ -132,11 +133,16 @@ class StepMath:
         return math.ceil(self.total_steps / self.optimizer_steps_per_epoch)
 
     def _samples_text(self) -> str:
+        train = self.num_samples - self.num_reg_samples
         if not self.num_images:
-            return f"{self.num_samples} samples"
-        if self.num_samples % self.num_images == 0:
-            return f"{self.num_images} images x {self.num_samples // self.num_images} repeats = {self.num_samples} samples"
-        return f"{self.num_images} images with repeats = {self.num_samples} samples"
+            text = f"{train} samples"
+        elif train % self.num_images == 0:
+            text = f"{self.num_images} images x {train // self.num_images} repeats = {train} samples"
+        else:
+            text = f"{self.num_images} images with repeats = {train} samples"
+        if self.num_reg_samples:
+            text += f" + {self.num_reg_samples} regularization = {self.num_samples} samples"
+        return text
 
 
 def step_math(
@@ -148,12 +154,14 @@ def step_math(
     *,
     bucket_sizes: Sequence[int] | None = None,
     num_images: int | None = None,
+    num_reg_samples: int = 0,
 ) -> StepMath:
     """Batches per epoch, optimizer steps per epoch and in total, counted the way kohya's loop runs.
 
     kohya counts batches per bucket, `ceil(count / batch_size)` each, so give `bucket_sizes`
     (`bucket_counts(samples).values()`) when bucketing: without it one bucket is assumed. Optimizer
     steps per epoch are `ceil(batches / grad_accum)`; `max_train_steps`, if given, caps the total.
+    `num_images` (train images) and `num_reg_samples` only shape `describe()`'s text.
     """
     sizes = list(bucket_sizes) if bucket_sizes is not None else [num_samples_per_epoch]
     if sum(sizes) != num_samples_per_epoch:
@@ -166,5 +174,5 @@ def step_math(
     total = epochs * per_epoch if max_train_steps is None else min(epochs * per_epoch, max_train_steps)
     return StepMath(
         num_samples_per_epoch, batch_size, batches, grad_accum, per_epoch,
-        epochs, total, num_images, max_train_steps,
+        epochs, total, num_images, max_train_steps, num_reg_samples,
     )

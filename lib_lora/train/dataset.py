@@ -61,6 +61,7 @@ def plan_training(config: TrainConfig) -> TrainingData:
     steps = step_math(
         len(samples), config.max_train_epochs, config.train_batch_size, config.gradient_accumulation_steps, config.max_train_steps or None,
         bucket_sizes=list(bucket_counts(samples).values()), num_images=train.num_images(),
+        num_reg_samples=sum(sample.is_reg for sample in samples),
     )
     held_out = [Sample(item, choices[item].bucket) for item in validation.items()] if validation else []
     return TrainingData(train, reg, validation, samples, steps, buckets, held_out, choices)
