@@ -1,8 +1,10 @@
-"""Write a random-initialised full-size SD1.5 checkpoint (ldm layout) for loader tests and benchmarks.
+"""Write a random-initialised full-size checkpoint (ldm/sgm layout) for loader tests and benchmarks.
 
     python bench/make_sd15_random.py bench/out/sd15-random.safetensors [--dtype fp32] [--seed 0]
+    python bench/make_sd2_random.py bench/out/sd2-random.safetensors     # SD2.x (768-v layout)
+    python bench/make_sdxl_random.py bench/out/sdxl-random.safetensors   # SDXL base layout
 
-The output (~2.1 GB fp16, ~4.3 GB fp32) is a build artefact: never commit it.
+The output (fp16: SD1.5 ~2.1 GB, SD2 ~2.6 GB, SDXL ~6.9 GB) is a build artefact: never commit it.
 """
 
 import argparse
@@ -14,21 +16,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lib_lora.models.sd15 import write_random_sd15  # noqa: E402
+from lib_lora.models.architectures import FULL_SIZE, write_random_checkpoint  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def main():
+def main(default_arch: str = "sd1"):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--arch", choices=FULL_SIZE, default=default_arch)
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    write_random_sd15(args.out, DTYPES[args.dtype], args.seed)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
+    write_random_checkpoint(args.out, args.arch, DTYPES[args.dtype], args.seed)
+    print(f"wrote {args.arch} {args.out} ({args.out.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
-from lib_lora.models.sd15 import write_random_sd15  # noqa: E402
+from lib_lora.models.architectures import write_random_checkpoint  # noqa: E402
 from lib_lora.train.config import TrainConfig  # noqa: E402
 from lib_lora.train.cpu_memory import keep_freed_memory  # noqa: E402
 from lib_lora.train.trainer import train  # noqa: E402
@@ -76,7 +76,7 @@ def main():
     args = parser.parse_args()
     if not CHECKPOINT.exists():
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-        write_random_sd15(CHECKPOINT)
+        write_random_checkpoint(CHECKPOINT)
     host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path(tempfile.mkdtemp()))
     if host.device.type == "cpu":
         keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT  # noqa: E402
 from lib_lora.models.checkpoint import load_checkpoint  # noqa: E402
 from lib_lora.models.pipeline import GenerationParams, generate  # noqa: E402
-from lib_lora.models.sd15 import write_random_sd15  # noqa: E402
+from lib_lora.models.architectures import write_random_checkpoint  # noqa: E402
 
 CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
 
@@ -45,7 +45,7 @@ def main():
     print(f"generate on the embedded model (64x64, {params.sampler}, 20 steps, cfg 7), median of {args.runs}: {timed(lambda: generate(tiny, params), args.runs):.2f} s")
     if not CHECKPOINT.exists():
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-        write_random_sd15(CHECKPOINT)
+        write_random_checkpoint(CHECKPOINT)
     unet = load_checkpoint(CHECKPOINT).unet
     latent = args.size // 8
     x, t, context = torch.randn(1, 4, latent, latent), torch.tensor([500.0]), torch.randn(1, 77, 768)

@@ -6,11 +6,11 @@ from safetensors.torch import save_file
 
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, TINY_UNET
 from lib_lora.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from lib_lora.models.sd15 import SD15_UNET, write_random_sd15
+from lib_lora.models.architectures import SD15_UNET, write_random_checkpoint
 
 
 def test_full_size_random_sd15_loads_with_sd15_architecture(tmp_path):
-    path = write_random_sd15(tmp_path / "sd15.safetensors", torch.float16)
+    path = write_random_checkpoint(tmp_path / "sd15.safetensors", "sd1", torch.float16)
     ckpt = load_checkpoint(path, dtype=torch.float16)
     assert ckpt.unet.config == SD15_UNET
     counts = [sum(p.numel() for p in m.parameters()) for m in (ckpt.unet, ckpt.text_encoder, ckpt.vae)]
@@ -67,10 +67,10 @@ def test_foreign_file_names_what_is_missing(tmp_path):
         load_checkpoint(foreign)
 
 
-def test_sdxl_file_is_named_as_unsupported(tmp_path):
+def test_sdxl_refiner_is_named_as_unsupported(tmp_path):
     path = tmp_path / "xl.safetensors"
-    save_file({"conditioner.embedders.0.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, str(path))
-    with pytest.raises(CheckpointError, match="SDXL"):
+    save_file({"conditioner.embedders.0.model.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match=r"xl\.safetensors: an SDXL refiner"):
         load_checkpoint(path)
 
 

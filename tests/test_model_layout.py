@@ -5,7 +5,7 @@ import torch
 
 from lib_lora.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from lib_lora.models.clip_text import TextEncoder
-from lib_lora.models.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
+from lib_lora.models.architectures import SD15_TEXT, SD15_UNET, SD15_VAE
 from lib_lora.models.unet import UNetModel
 from lib_lora.models.vae import AutoencoderKL
 

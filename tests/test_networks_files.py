@@ -169,7 +169,7 @@ MALFORMED = [
     ("unknown module type", {"lora_unet_x.w_norm": torch.randn(4), "lora_unet_x.b_norm": torch.randn(4)}, "lora_unet_x.b_norm"),
     ("no param part", {"lora_unet_x": torch.randn(4)}, "lora_unet_x"),
     ("unknown prefix", {"bundle_emb.mychar.string_to_param.*": torch.randn(2, 768)}, "bundle_emb.mychar"),
-    ("SDXL te2", {"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}, "lora_te2_text_model"),
+    ("unknown encoder prefix", {"lora_te3_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}, "lora_te3_text_model"),
     ("LoHa rank mismatch", {"lora_unet_h.hada_w1_a": torch.randn(8, 2), "lora_unet_h.hada_w1_b": torch.randn(3, 8),
                             "lora_unet_h.hada_w2_a": torch.randn(8, 2), "lora_unet_h.hada_w2_b": torch.randn(2, 8)},
      "lora_unet_h.hada_w1_a"),

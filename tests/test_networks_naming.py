@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lib_lora.models.clip_text import TextEncoder
-from lib_lora.models.sd15 import SD15_TEXT, SD15_UNET
+from lib_lora.models.architectures import SD15_TEXT, SD15_UNET
 from lib_lora.models.unet import UNetModel
 from lib_lora.networks.errors import NamingError
 from lib_lora.networks.naming import block_id, ldm_to_diffusers, text_module_name, unet_module_name

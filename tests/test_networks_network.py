@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from lib_lora.demo.tiny import random_tiny_checkpoint
 from lib_lora.models.clip_text import TextEncoder
-from lib_lora.models.sd15 import SD15_TEXT, SD15_UNET
+from lib_lora.models.architectures import SD15_TEXT, SD15_UNET
 from lib_lora.models.unet import UNetModel
 from lib_lora.networks.errors import NetworkConfigError
 from lib_lora.networks.files import load_lora, save_lora

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from lib_lora.demo.dataset import make_lora_dataset
 from lib_lora.hosts.standalone import StandaloneHost
+from lib_lora.models.conditioning import Conditioning
 from lib_lora.networks.files import load_lora
 from lib_lora.train.config import ConfigError, TrainConfig
 from lib_lora.train.optim import lr_multiplier, make_optimizer
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from lib_lora.demo.dataset import make_lora_dataset
 from lib_lora.hosts.standalone import StandaloneHost
+from lib_lora.models.conditioning import Conditioning
 from lib_lora.train.config import TrainConfig
 from lib_lora.train.trainer import train
 
@@ -148,8 +150,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_save(dataset, host):
 
     def poisoned(captions, clip_skip):
         calls["n"] += 1
-        z = encode(captions, clip_skip)
-        return z * float("nan") if calls["n"] > 2 else z
+        cond = encode(captions, clip_skip)
+        return Conditioning(cond.context * float("nan")) if calls["n"] > 2 else cond
 
     host.encode_text = poisoned
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*t-step00000002\.safetensors"):
@@ -226,8 +228,8 @@ def test_separate_unet_and_text_encoder_learning_rates(dataset, host):
     seen = {}
     original = trainer._make_optimizer
 
-    def spy(config, network):
-        opt = original(config, network)
+    def spy(config, network, host):
+        opt = original(config, network, host)
         seen.update({g["name"]: g["lr"] for g in opt.param_groups})
         return opt
 

@@ -64,7 +64,7 @@ def test_grid_renders_every_file_at_every_weight_with_one_seed(run_files):
 def test_standalone_host_generate_applies_lora_tags_for_that_call_only(tiny_checkpoint_path, tmp_path):
     """The comparison grid relies on host.generate resolving `<lora:name:w>` from the host's Lora folder."""
     host = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path, device="cpu")
-    network = make_network(host.unet, host.text_encoder, network_dim=4, network_alpha=4)
+    network = make_network(host.unet, host.text_encoders, network_dim=4, network_alpha=4)
     with torch.no_grad():
         for p in network.parameters():
             p.add_(0.2)

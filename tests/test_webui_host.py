@@ -163,7 +163,7 @@ def test_schedule_is_the_fp32_original_and_weights_are_the_webuis(webui):
         assert host.schedule.alphas_cumprod.dtype == torch.float32
         assert torch.equal(host.schedule.alphas_cumprod, sd_model.alphas_cumprod_original)
         assert host.schedule.parameterization == "eps" and host.model_name == "tiny" and host.sd_version == "sd_v1"
-        assert host.unet is sd_model.model.diffusion_model and host.text_encoder is sd_model.cond_stage_model.wrapped.transformer
+        assert host.unet is sd_model.model.diffusion_model and host.text_encoders[0].module is sd_model.cond_stage_model.wrapped.transformer
 
 
 def test_latents_are_the_scaled_posterior_mean(webui):
@@ -178,11 +178,11 @@ def test_latents_are_the_scaled_posterior_mean(webui):
 def test_text_goes_through_the_webui_conditioning_with_clip_skip_and_gradients(webui):
     opts = webui.shared.opts
     with open_webui_host() as host:
-        network = make_network(None, host.text_encoder, network_dim=2, network_alpha=2.0)
+        network = make_network(None, host.text_encoders, network_dim=2, network_alpha=2.0)
         for module in network.adapters():
             torch.nn.init.normal_(module.lora_up.weight)
         with network:
-            z = host.encode_text(["a zkz star"], clip_skip=2)
+            z = host.encode_text(["a zkz star"], clip_skip=2).context
             assert opts.data["CLIP_stop_at_last_layers"] == 1  # restored after the call
             z.square().mean().backward()
             opts.data["CLIP_stop_at_last_layers"] = 2

@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..models.conditioning import Conditioning
 from ..models.pipeline import GenerationParams
 from ..models.schedule import NoiseSchedule
+from ..networks.metadata import base_model_version
+from ..networks.targets import TextModel
 
 
 class Host(ABC):
@@ -22,26 +25,32 @@ class Host(ABC):
     Subclasses set the attributes in their constructor; the trainer reads them.
     """
 
-    unet: nn.Module  # ldm UNetModel tree (module names as in ldm checkpoints)
-    text_encoder: nn.Module  # tree containing `text_model.encoder.layers...`
+    arch: str  # "sd1" | "sd2" | "sdxl"
+    unet: nn.Module  # ldm/sgm UNetModel tree (module names as in ldm checkpoints)
+    text_encoders: list[TextModel]  # each encoder with its kohya prefix (lora_te; SDXL lora_te1, lora_te2)
     schedule: NoiseSchedule  # fp32 alphas_cumprod on the CPU, and eps|v
     device: torch.device
     dtype: torch.dtype  # dtype of the frozen weights
     model_name: str  # base checkpoint name, for the file's ss_sd_model_name
-    sd_version: str  # "sd_v1" (kohya's ss_base_model_version)
+    checkpoint_path: Path | None = None  # the base checkpoint's file, hashed into ss_sd_model_hash / ss_new_sd_model_hash
     lora_dir: Path  # where finished LoRAs go so the host's Lora support finds them
     runs_dir: Path  # where run folders (state, samples, logs) go; never inside lora_dir
 
     def __init__(self):
         self._interrupt = threading.Event()
 
+    @property
+    def sd_version(self) -> str:
+        """kohya's ss_base_model_version of the loaded model (sd_v1, sd_v2_v, sdxl_base_v1-0, ...)."""
+        return base_model_version(self.arch, self.schedule.parameterization == "v")
+
     @abstractmethod
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] (posterior mean)."""
 
     @abstractmethod
-    def encode_text(self, captions: list[str], clip_skip: int) -> torch.Tensor:
-        """Captions -> UNet context [B, T, D]; differentiable so text-encoder LoRA can learn."""
+    def encode_text(self, captions: list[str], clip_skip: int) -> Conditioning:
+        """Captions -> UNet context [B, T, D] (and SDXL's pooled vector); differentiable so text-encoder LoRA can learn."""
 
     @abstractmethod
     def generate(self, params: GenerationParams) -> list[Image.Image]:

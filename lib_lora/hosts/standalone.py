@@ -1,4 +1,4 @@
-"""The standalone host: our own SD1 models loaded from a checkpoint file (default: the embedded one)."""
+"""The standalone host: our own SD1/SD2/SDXL models loaded from a checkpoint file (default: the embedded one)."""
 
 from pathlib import Path
 
@@ -8,6 +8,7 @@ from ..demo.tiny import DEFAULT_CHECKPOINT
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.pipeline import GenerationParams, encode_prompts, schedule_for
 from ..networks.apply import generate_with_loras
+from ..networks.targets import text_models_for
 from .base import Host
 
 
@@ -15,27 +16,35 @@ class StandaloneHost(Host):
     def __init__(self, ckpt: Checkpoint, *, model_name: str, lora_dir: Path, runs_dir: Path):
         super().__init__()
         self.ckpt = ckpt
-        self.unet, self.text_encoder = ckpt.unet, ckpt.text_encoder
+        self.arch, self.unet = ckpt.arch, ckpt.unet
+        self.text_encoders = text_models_for(ckpt.arch, ckpt.text_encoder, ckpt.text_encoder_2)
         self.schedule = schedule_for(ckpt)
         param = next(ckpt.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.model_name, self.sd_version = model_name, "sd_v1"
+        self.model_name = model_name
         self.lora_dir, self.runs_dir = Path(lora_dir), Path(runs_dir)
 
     @classmethod
-    def from_file(cls, checkpoint: Path | None = None, *, out_dir: Path = Path("out"), device: str | None = None, dtype: torch.dtype | None = None) -> "StandaloneHost":
-        """Load a checkpoint (default: the embedded tiny model); LoRAs go to out/lora, runs to out/runs."""
+    def from_file(cls, checkpoint: Path | None = None, *, out_dir: Path = Path("out"), device: str | None = None,
+                  dtype: torch.dtype | None = None, parameterization: str | None = None) -> "StandaloneHost":
+        """Load a checkpoint (default: the embedded tiny model); LoRAs go to out/lora, runs to out/runs.
+
+        `parameterization` "v" or "eps" overrides what the file says (kohya's --v_parameterization)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
         path = Path(checkpoint or DEFAULT_CHECKPOINT)
-        ckpt = load_checkpoint(path, dtype=dtype, device=device)
-        return cls(ckpt, model_name=path.stem, lora_dir=Path(out_dir) / "lora", runs_dir=Path(out_dir) / "runs")
+        ckpt = load_checkpoint(path, dtype=dtype, device=device, parameterization=parameterization)
+        if ckpt.arch == "sdxl":
+            ckpt.vae.float()  # SDXL's VAE overflows in fp16 (NaN latents); it runs in fp32 as the webui's --no-half-vae
+        host = cls(ckpt, model_name=path.stem, lora_dir=Path(out_dir) / "lora", runs_dir=Path(out_dir) / "runs")
+        host.checkpoint_path = path
+        return host
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.ckpt.vae
         return vae.encode(pixels.to(self.device, next(vae.parameters()).dtype)).float()
 
-    def encode_text(self, captions: list[str], clip_skip: int) -> torch.Tensor:
+    def encode_text(self, captions: list[str], clip_skip: int):
         return encode_prompts(self.ckpt, captions, clip_skip)
 
     def generate(self, params: GenerationParams):

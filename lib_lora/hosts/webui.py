@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.conditioning import Conditioning
 from ..models.pipeline import GenerationParams
 from ..models.schedule import NoiseSchedule
+from ..networks.targets import TextModel
 from .base import Host
 
 SETTINGS_SECTION = ("train_lora", "Train LoRA")
@@ -113,8 +115,9 @@ class WebuiHost(Host):
         from modules import devices
 
         self.sd_model = sd_model
-        self.unet = sd_model.model.diffusion_model
-        self.text_encoder = sd_model.cond_stage_model.wrapped.transformer  # HF CLIPTextModel: `text_model.encoder.layers...`
+        self.arch, self.unet = "sd1", sd_model.model.diffusion_model
+        self._text_encoder = sd_model.cond_stage_model.wrapped.transformer  # HF CLIPTextModel: `text_model.encoder.layers...`
+        self.text_encoders = [TextModel(self._text_encoder)]
         alphas = getattr(sd_model, "alphas_cumprod_original", None)  # fp32 copy; alphas_cumprod may be downcast (§2.6)
         alphas = sd_model.alphas_cumprod if alphas is None else alphas
         self.schedule = NoiseSchedule(alphas.detach().float().cpu(), getattr(sd_model, "parameterization", "eps"))
@@ -122,7 +125,8 @@ class WebuiHost(Host):
         self.dtype = next(self.unet.parameters()).dtype
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.model_name = getattr(info, "model_name", None) or "unknown"
-        self.sd_version = "sd_v1"
+        filename = getattr(info, "filename", None)
+        self.checkpoint_path = Path(filename) if filename and Path(filename).is_file() else None
         self.lora_dir, self.runs_dir = Path(lora_dir), Path(runs_dir)
         self._checkpointed: list[nn.Module] = []
         self._progress = (0, 0, "")  # job_count, job_no, textinfo of the training, restored after previews
@@ -137,20 +141,20 @@ class WebuiHost(Host):
         mean = posterior.mode() if hasattr(posterior, "mode") else posterior
         return m.get_first_stage_encoding(mean).float()  # a tensor in: scale_factor * mean
 
-    def encode_text(self, captions: list[str], clip_skip: int) -> torch.Tensor:
+    def encode_text(self, captions: list[str], clip_skip: int) -> Conditioning:
         """The webui's own conditioning (chunking, emphasis, TI embeddings) with `clip_skip` applied.
 
         `cond_stage_model` is `FrozenCLIPEmbedderWithCustomWords`; nothing on its forward path runs
         under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the global
         `opts.CLIP_stop_at_last_layers`, set for this call only.
         """
-        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and _has_hooks(self.text_encoder):
+        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and _has_hooks(self._text_encoder):
             raise WebuiHostError(MEDVRAM_TEXT_ENCODER)  # the session could not know the config; the adapters tell
         opts = _shared().opts
         saved = opts.data.get("CLIP_stop_at_last_layers", 1)
         opts.data["CLIP_stop_at_last_layers"] = clip_skip
         try:
-            return self.sd_model.cond_stage_model(list(captions))
+            return Conditioning(self.sd_model.cond_stage_model(list(captions)))
         finally:
             opts.data["CLIP_stop_at_last_layers"] = saved
 

@@ -1,9 +1,13 @@
-"""Reading and writing ldm single-file checkpoints, with the architecture read from the tensors.
+"""Reading and writing ldm/sgm single-file checkpoints, with the architecture read from the tensors.
 
-A full-size SD1.5 file and the embedded tiny model load through the same code: channel counts,
-depths, context width, vocabulary and layer counts come from tensor shapes. What shapes cannot
-tell (attention head counts, latent scale, eps/v) comes from safetensors metadata keys
-`lib_lora.*` when present, else from the SD1 values.
+SD1.x, SD2.x and SDXL files, full-size or tiny, load through the same code. The architecture comes
+from where the text encoders live (lora-format.md §4, webui-integration.md §2): SD1's CLIP under
+`cond_stage_model.transformer.`, SD2's OpenCLIP under `cond_stage_model.model.`, SDXL's pair under
+`conditioner.embedders.0.transformer.` and `conditioner.embedders.1.model.`. Channel counts, depths,
+context width, vocabulary and layer counts come from tensor shapes. What shapes cannot tell
+(attention head counts, latent scale, eps/v) comes from safetensors metadata keys `lib_lora.*`
+when present, else from each architecture's own values; v-prediction also from the `v_pred` marker
+key that SDXL v-pred fine-tunes carry, or from `modelspec.prediction_type`.
 """
 
 import os
@@ -15,37 +19,73 @@ import torch
 from safetensors.torch import save_file
 
 from .clip_text import TextConfig, TextEncoder
+from .open_clip_text import OpenClipConfig, OpenClipTextEncoder
 from .tensor_files import read_tensor_file
 from .unet import UNetConfig, UNetModel
-from .vae import SD_LATENT_SCALE, AutoencoderKL, VAEConfig
+from .vae import SD_LATENT_SCALE, SDXL_LATENT_SCALE, AutoencoderKL, VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.", "conditioner.embedders.1.")
+ARCHITECTURES = ("sd1", "sd2", "sdxl")
 
-# Keys that real SD1 files carry beside the weights and that inference does not use:
-# EMA copies, ldm's precomputed DDPM buffers, and Hugging Face's position-id buffer.
+# Keys that real files carry beside the weights and that inference does not use: EMA copies, ldm's
+# precomputed DDPM buffers, Hugging Face's position-id buffer, open_clip's logit scale and attention
+# mask, and the v-prediction / zero-terminal-SNR markers of SDXL v-pred fine-tunes (read, then dropped).
 IGNORED_KEY = re.compile(
     r"^(model_ema\.|(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod|"
     r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance|"
-    r"posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)$|"
-    r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$)"
+    r"posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|v_pred|ztsnr)$|"
+    r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids$|"
+    r"(cond_stage_model|conditioner\.embedders\.1)\.model\.(logit_scale|attn_mask)$)"
 )
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as an SD1-style ldm checkpoint; the message names the file."""
+    """A checkpoint file that cannot be read as an SD1/SD2/SDXL checkpoint; the message names the file."""
 
 
 @dataclass
 class Checkpoint:
-    """The three models of a checkpoint plus what shapes cannot tell."""
+    """The models of a checkpoint plus what shapes cannot tell.
+
+    `text_encoder` is SD1's CLIP, SD2's OpenCLIP or SDXL's first encoder (CLIP-L); `text_encoder_2`
+    is SDXL's second (OpenCLIP bigG), None otherwise.
+    """
 
     unet: UNetModel
     vae: AutoencoderKL
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | OpenClipTextEncoder
     parameterization: str = "eps"
     metadata: dict[str, str] = field(default_factory=dict)
+    text_encoder_2: OpenClipTextEncoder | None = None
+    arch: str = "sd1"
+
+    def components(self) -> list[tuple[str, torch.nn.Module]]:
+        """(key prefix in the file, model) for every model of the checkpoint."""
+        return [(UNET_PREFIX, self.unet), (VAE_PREFIX, self.vae), *zip(text_prefixes(self.arch), self.text_models())]
+
+    def text_models(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
+
+
+def text_prefixes(arch: str) -> tuple[str, ...]:
+    """Where an architecture's text encoders live in the file."""
+    return SDXL_TEXT_PREFIXES if arch == "sdxl" else (TEXT_PREFIX,)
+
+
+def detect_architecture(keys) -> str:
+    """sd1, sd2 or sdxl from where the text encoders live; CheckpointError for what we cannot train."""
+    keys = list(keys)
+    if any(k.startswith(SDXL_TEXT_PREFIXES[1] + "model.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.") for k in keys):
+        raise CheckpointError("an SDXL refiner (one OpenCLIP text encoder under conditioner.embedders.0); "
+                              "train on an SDXL base model or a fine-tune of it")
+    if any(k.startswith(TEXT_PREFIX + "model.") for k in keys):
+        return "sd2"
+    return "sd1"
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -65,10 +105,20 @@ def _count_indices(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _transformer_depth(sd: dict[str, torch.Tensor], depths: list[int]) -> int | tuple[int, ...]:
+    """One int when every transformer has the middle block's depth (SD1/SD2), else one per level (SDXL)."""
+    middle = _count_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    if all(d in (0, middle) for d in depths):
+        return middle
+    if depths[-1] != middle:
+        raise CheckpointError(f"unsupported UNet: middle transformer depth {middle} differs from the last level's {depths[-1]}")
+    return tuple(depths)
+
+
 def infer_unet_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> UNetConfig:
-    """Levels, channels and attention placement from the input blocks (ldm numbering)."""
+    """Levels, channels, attention placement and depth from the input blocks (ldm numbering)."""
     model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
-    widths, attention, res_blocks, levels_res = [], [], 0, []
+    widths, depths, res_blocks, levels_res = [], [], 0, []
     for n in range(1, _count_indices(sd, r"input_blocks\.(\d+)\.")):
         if f"input_blocks.{n}.0.op.weight" in sd:  # a downsampler closes a level
             levels_res.append(res_blocks)
@@ -76,25 +126,26 @@ def infer_unet_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> UNet
             continue
         if res_blocks == 0:
             widths.append(sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0])
-            attention.append(f"input_blocks.{n}.1.proj_in.weight" in sd)
+            depths.append(_count_indices(sd, rf"input_blocks\.{n}\.1\.transformer_blocks\.(\d+)\."))
         res_blocks += 1
     levels_res.append(res_blocks)
     if len(set(levels_res)) != 1:
         raise CheckpointError(f"unsupported UNet: levels have different numbers of res blocks {levels_res}")
     context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    is_sd2 = context_dim == 1024
+    uses_head_dim = context_dim in (1024, 2048)  # SD2 and SDXL: 64-channel heads (num_head_channels)
     return UNetConfig(
         in_channels=in_channels,
         out_channels=sd["out.2.weight"].shape[0],
         model_channels=model_channels,
         channel_mult=tuple(w // model_channels for w in widths),
         num_res_blocks=levels_res[0],
-        attention_levels=tuple(attention),
+        attention_levels=tuple(d > 0 for d in depths),
         context_dim=context_dim,
         num_heads=int(meta.get("lib_lora.unet_num_heads", 8)),
-        head_dim=64 if is_sd2 and "lib_lora.unet_num_heads" not in meta else None,
-        transformer_depth=_count_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
+        head_dim=64 if uses_head_dim and "lib_lora.unet_num_heads" not in meta else None,
+        transformer_depth=_transformer_depth(sd, depths),
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
     )
 
 
@@ -111,7 +162,7 @@ def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
     )
 
 
-def infer_text_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> TextConfig:
+def infer_text_config(sd: dict[str, torch.Tensor], meta: dict[str, str], heads_key: str = "lib_lora.text_num_heads") -> TextConfig:
     prefix = "transformer.text_model."
     vocab, width = sd[prefix + "embeddings.token_embedding.weight"].shape
     return TextConfig(
@@ -119,19 +170,54 @@ def infer_text_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Text
         max_positions=sd[prefix + "embeddings.position_embedding.weight"].shape[0],
         width=width,
         layers=_count_indices(sd, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
-        heads=int(meta.get("lib_lora.text_num_heads", max(1, width // 64))),
+        heads=int(meta.get(heads_key, max(1, width // 64))),
         mlp_width=sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0],
     )
 
 
-def _check_format(path, state: dict[str, torch.Tensor]) -> None:
-    if any(k.startswith("cond_stage_model.model.") for k in state):
-        raise CheckpointError(f"{path}: an SD2 (OpenCLIP text encoder) checkpoint; only SD1.x is supported so far")
-    if any(k.startswith("conditioner.") for k in state):
-        raise CheckpointError(f"{path}: an SDXL checkpoint; only SD1.x is supported so far")
-    for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
+def infer_open_clip_config(sd: dict[str, torch.Tensor], meta: dict[str, str], heads_key: str) -> OpenClipConfig:
+    vocab, width = sd["model.token_embedding.weight"].shape
+    return OpenClipConfig(
+        vocab_size=vocab,
+        max_positions=sd["model.positional_embedding"].shape[0],
+        width=width,
+        layers=_count_indices(sd, r"model\.transformer\.resblocks\.(\d+)\."),
+        heads=int(meta.get(heads_key, max(1, width // 64))),
+        mlp_width=sd["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        projection_dim=sd["model.text_projection"].shape[1],
+    )
+
+
+# Per architecture: (file prefix, model class, config reader, metadata key of its head count) per text encoder.
+TEXT_ENCODERS = {
+    "sd1": [(TEXT_PREFIX, TextEncoder, infer_text_config, "lib_lora.text_num_heads")],
+    "sd2": [(TEXT_PREFIX, OpenClipTextEncoder, infer_open_clip_config, "lib_lora.text_num_heads")],
+    "sdxl": [
+        (SDXL_TEXT_PREFIXES[0], TextEncoder, infer_text_config, "lib_lora.text_num_heads"),
+        (SDXL_TEXT_PREFIXES[1], OpenClipTextEncoder, infer_open_clip_config, "lib_lora.text_2_num_heads"),
+    ],
+}
+DEFAULT_LATENT_SCALE = {"sd1": SD_LATENT_SCALE, "sd2": SD_LATENT_SCALE, "sdxl": SDXL_LATENT_SCALE}
+NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def _check_format(path, state: dict[str, torch.Tensor], arch: str) -> None:
+    for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), *((p, "text encoder") for p in text_prefixes(arch))):
         if not any(k.startswith(prefix) for k in state):
-            raise CheckpointError(f"{path}: no {what} weights (no keys starting with {prefix!r}); not an SD1 ldm checkpoint")
+            raise CheckpointError(f"{path}: no {what} weights (no keys starting with {prefix!r}); not an {NAMES[arch]} checkpoint")
+    in_channels = state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] if UNET_PREFIX + "input_blocks.0.0.weight" in state else 4
+    if in_channels != 4:
+        raise CheckpointError(f"{path}: its UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "
+                              f"model); LoRA training needs a plain text-to-image model (4 channels)")
+
+
+def _parameterization(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """v if the file says so: our own key, the `v_pred` marker key, or modelspec's prediction type."""
+    if "lib_lora.parameterization" in meta:
+        return meta["lib_lora.parameterization"]
+    if "v_pred" in state or meta.get("modelspec.prediction_type") == "v":
+        return "v"
+    return "eps"
 
 
 def _build(path, module_cls, config, sd: dict[str, torch.Tensor], prefix: str, dtype, **kwargs):
@@ -153,43 +239,60 @@ def _build(path, module_cls, config, sd: dict[str, torch.Tensor], prefix: str, d
     return model.eval().requires_grad_(False)
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Checkpoint:
-    """Load an SD1 ldm checkpoint (.safetensors or .ckpt) into frozen, eval-mode models."""
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", parameterization: str | None = None) -> Checkpoint:
+    """Load an SD1/SD2/SDXL checkpoint (.safetensors or .ckpt) into frozen, eval-mode models.
+
+    `parameterization` ("eps" or "v") overrides what the file says, as kohya's `--v_parameterization`.
+    """
     state, meta = read_state_dict(path)
-    _check_format(path, state)
-    leftovers = sorted(k for k in state if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)) and not IGNORED_KEY.match(k))
-    if leftovers:
-        raise CheckpointError(f"{path}: unknown keys outside the UNet, VAE and text encoder: {', '.join(leftovers[:20])}")
-    state = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
-    unet_sd, vae_sd, text_sd = (_component(state, p) for p in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))
     try:
-        configs = infer_unet_config(unet_sd, meta), infer_vae_config(vae_sd), infer_text_config(text_sd, meta)
+        arch = detect_architecture(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    _check_format(path, state, arch)
+    prefixes = (UNET_PREFIX, VAE_PREFIX, *text_prefixes(arch))
+    leftovers = sorted(k for k in state if not k.startswith(prefixes) and not IGNORED_KEY.match(k))
+    if leftovers:
+        raise CheckpointError(f"{path}: unknown keys outside the UNet, VAE and text encoders of an {NAMES[arch]} "
+                              f"checkpoint: {', '.join(leftovers[:20])}")
+    kept = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
+    unet_sd, vae_sd = _component(kept, UNET_PREFIX), _component(kept, VAE_PREFIX)
+    text_sds = [(_component(kept, prefix), prefix, cls, infer, heads_key) for prefix, cls, infer, heads_key in TEXT_ENCODERS[arch]]
+    try:
+        unet_config, vae_config = infer_unet_config(unet_sd, meta), infer_vae_config(vae_sd)
+        text_configs = [infer(sd, meta, heads_key) for sd, _, _, infer, heads_key in text_sds]
     except KeyError as e:
-        raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the architecture") from e
-    scale = float(meta.get("lib_lora.scale_factor", SD_LATENT_SCALE))
+        raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the {NAMES[arch]} architecture") from e
+    scale = float(meta.get("lib_lora.scale_factor", DEFAULT_LATENT_SCALE[arch]))
+    texts = [_build(path, cls, config, sd, prefix, dtype).to(device) for (sd, prefix, cls, _, _), config in zip(text_sds, text_configs)]
     return Checkpoint(
-        unet=_build(path, UNetModel, configs[0], unet_sd, UNET_PREFIX, dtype).to(device),
-        vae=_build(path, AutoencoderKL, configs[1], vae_sd, VAE_PREFIX, dtype, scale_factor=scale).to(device),
-        text_encoder=_build(path, TextEncoder, configs[2], text_sd, TEXT_PREFIX, dtype).to(device),
-        parameterization=meta.get("lib_lora.parameterization", "eps"),
+        unet=_build(path, UNetModel, unet_config, unet_sd, UNET_PREFIX, dtype).to(device),
+        vae=_build(path, AutoencoderKL, vae_config, vae_sd, VAE_PREFIX, dtype, scale_factor=scale).to(device),
+        text_encoder=texts[0],
+        text_encoder_2=texts[1] if len(texts) > 1 else None,
+        parameterization=parameterization or _parameterization(state, meta),
         metadata=meta,
+        arch=arch,
     )
 
 
 def checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
     """The `lib_lora.*` keys needed to rebuild what shapes cannot tell."""
-    return {
+    meta = {
         "lib_lora.unet_num_heads": str(ckpt.unet.config.num_heads),
         "lib_lora.text_num_heads": str(ckpt.text_encoder.config.heads),
         "lib_lora.scale_factor": str(ckpt.vae.scale_factor),
         "lib_lora.parameterization": ckpt.parameterization,
     }
+    if ckpt.text_encoder_2 is not None:
+        meta["lib_lora.text_2_num_heads"] = str(ckpt.text_encoder_2.config.heads)
+    return meta
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = None, extra_metadata=None) -> None:
-    """Write an ldm-layout .safetensors atomically (temp file + rename)."""
+    """Write an ldm/sgm-layout .safetensors atomically (temp file + rename)."""
     state = {}
-    for prefix, model in ((UNET_PREFIX, ckpt.unet), (VAE_PREFIX, ckpt.vae), (TEXT_PREFIX, ckpt.text_encoder)):
+    for prefix, model in ckpt.components():
         for k, v in model.state_dict().items():
             state[prefix + k] = (v.to(dtype) if dtype else v).contiguous()
     meta = {**checkpoint_metadata(ckpt), **(extra_metadata or {})}

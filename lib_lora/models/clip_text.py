@@ -85,11 +85,12 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width)
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1, final_norm: bool = True) -> torch.Tensor:
         """tokens [B, 77] -> hidden states [B, 77, width].
 
         clip_skip N takes the output of the N-th layer from the end, then the final norm, as the
-        webui does (`hidden_states[-N]` of Hugging Face's output; 1 = the last layer).
+        webui does (`hidden_states[-N]` of Hugging Face's output; 1 = the last layer). SDXL's first
+        encoder takes `hidden_states[11]` bare: clip_skip 2 without the final norm.
         """
         layers = self.encoder.layers
         if not 1 <= clip_skip <= len(layers):
@@ -97,7 +98,7 @@ class CLIPTextTransformer(nn.Module):
         x = self.embeddings(tokens)
         for layer in layers[: len(layers) - clip_skip + 1]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if final_norm else x
 
 
 class CLIPTextModel(nn.Module):
@@ -114,8 +115,8 @@ class TextEncoder(nn.Module):
         self.config = config
         self.transformer = CLIPTextModel(config)
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1, final_norm: bool = True) -> torch.Tensor:
         """tokens [B, n_chunks, 77] -> context [B, n_chunks * 77, width]; chunks encoded separately."""
         b, n, t = tokens.shape
-        hidden = self.transformer.text_model(tokens.reshape(b * n, t), clip_skip)
+        hidden = self.transformer.text_model(tokens.reshape(b * n, t), clip_skip, final_norm)
         return hidden.reshape(b, n * t, -1)

@@ -1,4 +1,4 @@
-"""Text-to-image with a loaded checkpoint: prompt -> CLIP context -> sampler -> VAE -> PIL images."""
+"""Text-to-image with a loaded checkpoint: prompt -> text conditioning -> sampler -> VAE -> PIL images."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint
+from .conditioning import Conditioning, encode_chunks, sdxl_vector
 from .samplers import SAMPLERS, CFGDenoiser, initial_latents, sample_euler, sigmas_for
 from .schedule import NoiseSchedule, sd_alphas_cumprod
-from .tokenizer import apply_emphasis, tokenize_batch
+from .tokenizer import tokenize_batch
 
 
 @dataclass(frozen=True)
@@ -27,19 +28,15 @@ class GenerationParams:
     clip_skip: int = 1
 
 
-def encode_prompts(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """Prompts -> context [B, n_chunks * 77, width], chunked and emphasis-weighted as the webui does.
+def encode_prompts(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+    """Prompts -> context [B, n_chunks * 77, width] (and SDXL's pooled vector), chunked and
+    emphasis-weighted as the webui does.
 
     The webui rescales each chunk position over the whole batch of prompts it encodes together,
     so callers encode positive and negative prompts in separate calls, as it does.
     """
     chunks = tokenize_batch(prompts)
-    device = next(ckpt.text_encoder.parameters()).device
-    b, n, t = chunks.tokens.shape
-    z = ckpt.text_encoder(chunks.tokens.to(device), clip_skip).reshape(b, n, t, -1)
-    weights = chunks.weights.to(device)
-    z = torch.stack([apply_emphasis(z[:, i], weights[:, i]) for i in range(n)], dim=1)
-    return z.reshape(b, n * t, -1)
+    return encode_chunks(ckpt, chunks.tokens, chunks.weights, clip_skip)
 
 
 def latent_shape(ckpt: Checkpoint, width: int, height: int) -> tuple[int, int, int]:
@@ -69,12 +66,30 @@ def latents_to_images(latents_decoded: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
 
 
-def pad_with_empty(ckpt: Checkpoint, z: torch.Tensor, length: int, clip_skip: int = 1) -> torch.Tensor:
+def pad_with_empty(ckpt: Checkpoint, cond: Conditioning, length: int, clip_skip: int = 1) -> Conditioning:
     """Lengthen a context to `length` tokens with encoded empty chunks, as the webui's pad_cond_uncond does."""
+    z = cond.context
     if z.shape[1] >= length:
-        return z
-    empty = encode_prompts(ckpt, [""] * z.shape[0], clip_skip).to(z.dtype)
-    return torch.cat([z] + [empty] * ((length - z.shape[1]) // empty.shape[1]), dim=1)
+        return cond
+    empty = encode_prompts(ckpt, [""] * z.shape[0], clip_skip).context.to(z.dtype)
+    return Conditioning(torch.cat([z] + [empty] * ((length - z.shape[1]) // empty.shape[1]), dim=1), cond.pooled)
+
+
+def negative_conditioning(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+    """The negative prompt's conditioning; SDXL's is all zeros when every negative prompt is empty (sgm, the webui)."""
+    cond = encode_prompts(ckpt, prompts, clip_skip)
+    if ckpt.arch == "sdxl" and all(p == "" for p in prompts):
+        return Conditioning(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
+    return cond
+
+
+def image_vector(cond: Conditioning, width: int, height: int) -> torch.Tensor | None:
+    """SDXL's `y` for a generated image: original and target size the image's, crop (0, 0), as the webui sends."""
+    if cond.pooled is None:
+        return None
+    b = cond.pooled.shape[0]
+    size = torch.tensor([[height, width]] * b)
+    return sdxl_vector(cond.pooled, size, torch.zeros(b, 2), size)
 
 
 def schedule_for(ckpt: Checkpoint) -> NoiseSchedule:
@@ -88,12 +103,14 @@ def generate(ckpt: Checkpoint, params: GenerationParams, callback: Callable | No
     unet_param = next(ckpt.unet.parameters())
     schedule = schedule_for(ckpt)
     cond = encode_prompts(ckpt, [params.prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
-    uncond = encode_prompts(ckpt, [params.negative_prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
-    length = max(cond.shape[1], uncond.shape[1])
-    cond, uncond = (pad_with_empty(ckpt, z, length, params.clip_skip) for z in (cond, uncond))
+    uncond = negative_conditioning(ckpt, [params.negative_prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
+    length = max(cond.context.shape[1], uncond.context.shape[1])
+    cond, uncond = (pad_with_empty(ckpt, c, length, params.clip_skip) for c in (cond, uncond))
     sigmas = sigmas_for(params.sampler, schedule, params.steps)
     noise = SeededNoise(params.seed, params.batch_size, shape)
     x = initial_latents(noise().to(unet_param.device, unet_param.dtype), params.sampler, sigmas[0])
-    denoiser = CFGDenoiser(ckpt.unet, schedule, cond, uncond, params.cfg_scale)
+    vectors = [image_vector(c, params.width, params.height) for c in (cond, uncond)]
+    vector = None if vectors[0] is None else torch.cat(vectors)
+    denoiser = CFGDenoiser(ckpt.unet, schedule, cond.context, uncond.context, params.cfg_scale, vector)
     latents = sample_euler(denoiser, x, sigmas, callback, noise if params.sampler == "euler_a" else None)
     return latents_to_images(ckpt.vae.decode(latents.to(next(ckpt.vae.parameters()).dtype)))

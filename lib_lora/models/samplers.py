@@ -43,13 +43,18 @@ class CFGDenoiser:
     cond: torch.Tensor  # [B, T, D]
     uncond: torch.Tensor  # [B, T, D]
     cfg_scale: float
+    vector: torch.Tensor | None = None  # SDXL's y for cond then uncond [2B, adm]; None for SD1/SD2
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0])
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         t = self.schedule.sigma_to_t(sigma_in)
-        output = self.unet(x_in * model_input_scale(sigma_in).reshape(-1, 1, 1, 1).to(x.dtype), t, torch.cat([self.cond, self.uncond]))
+        x_in_scaled = x_in * model_input_scale(sigma_in).reshape(-1, 1, 1, 1).to(x.dtype)
+        if self.vector is None:
+            output = self.unet(x_in_scaled, t, torch.cat([self.cond, self.uncond]))
+        else:
+            output = self.unet(x_in_scaled, t, torch.cat([self.cond, self.uncond]), self.vector)
         denoised = denoised_from_output(x_in, sigma_in, output, self.schedule.parameterization)
         cond, uncond = denoised.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)

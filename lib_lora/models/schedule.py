@@ -20,6 +20,20 @@ def sd_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+ZERO_TERMINAL_ALPHA = 4.8973451890853435e-08  # kohya's stand-in for 0 at the last step, so sigma stays finite
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alphas_cumprod) so the last step has zero signal (Lin et al. 2024, Algorithm 1),
+    keeping the first step's; the last value is then kohya's tiny positive stand-in for 0."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    rescaled = root**2
+    rescaled[-1] = ZERO_TERMINAL_ALPHA
+    return rescaled.float()
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """alphas_cumprod [1000] (fp32) and whether the model predicts noise ("eps") or velocity ("v")."""

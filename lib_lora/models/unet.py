@@ -1,9 +1,11 @@
-"""The Stable Diffusion 1.x/2.x denoiser with the ldm module names.
+"""The Stable Diffusion 1.x/2.x/XL denoiser with the ldm (and sgm, for SDXL) module names.
 
 Every parameter name equals the one in the original CompVis `ldm` single-file checkpoints
 (`model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`, ...), and the
 class names are ldm's too (`ResBlock`, `SpatialTransformer`, `CrossAttention`, ...), so that the
-network code injects into this tree exactly as it does into the webui's loaded model.
+network code injects into this tree exactly as it does into the webui's loaded model. SDXL is the
+same network with three levels, a transformer depth per level (0, 2, 10) and `label_emb`, which adds
+an embedding of the "vector" conditioning (pooled text + size/crop embeddings) to the timestep's.
 """
 
 import math
@@ -28,14 +30,21 @@ class UNetConfig:
     context_dim: int = 768
     num_heads: int = 8  # SD1 uses 8 heads everywhere; SD2 uses 64-channel heads (head_dim)
     head_dim: int | None = None  # when set, heads = channels // head_dim
-    transformer_depth: int = 1
-    use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out; SD2: Linear
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per transformer; a tuple gives one per level (SDXL)
+    use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out; SD2/SDXL: Linear
+    adm_in_channels: int = 0  # width of the "vector" conditioning `y` (SDXL 2816); 0: no label_emb
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, channels per head) for a transformer of `channels` width."""
         if self.head_dim:
             return channels // self.head_dim, self.head_dim
         return self.num_heads, channels // self.num_heads
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at a level; the middle block uses the last level's."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[level]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -133,7 +142,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image features -> tokens -> transformer blocks -> image features, with a residual."""
 
-    def __init__(self, channels: int, config: UNetConfig):
+    def __init__(self, channels: int, config: UNetConfig, depth: int):
         super().__init__()
         heads, dim_head = config.heads_for(channels)
         inner = heads * dim_head
@@ -141,7 +150,7 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if self.use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, config.context_dim) for _ in range(config.transformer_depth)
+            BasicTransformerBlock(inner, heads, dim_head, config.context_dim) for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if self.use_linear else nn.Conv2d(inner, channels, 1)
 
@@ -204,6 +213,10 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         mc, emb_dim = config.model_channels, config.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.adm_in_channels:  # sgm's num_classes="sequential": one MLP in a Sequential
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
         skip_channels, ch = [mc], mc
         last_level = len(config.channel_mult) - 1
@@ -212,14 +225,14 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_dim, mult * mc)]
                 ch = mult * mc
                 if config.attention_levels[level]:
-                    layers.append(SpatialTransformer(ch, config))
+                    layers.append(SpatialTransformer(ch, config, config.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != last_level:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch), SpatialTransformer(ch, config), ResBlock(ch, emb_dim, ch)
+            ResBlock(ch, emb_dim, ch), SpatialTransformer(ch, config, config.depth_at(last_level)), ResBlock(ch, emb_dim, ch)
         )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
@@ -227,7 +240,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
                 ch = mult * mc
                 if config.attention_levels[level]:
-                    layers.append(SpatialTransformer(ch, config))
+                    layers.append(SpatialTransformer(ch, config, config.depth_at(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -243,9 +256,13 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def forward(self, x, timesteps, context):
-        """x [B, C, h, w], timesteps [B] (may be fractional), context [B, T, context_dim]."""
+    def forward(self, x, timesteps, context, y=None):
+        """x [B, C, h, w], timesteps [B] (may be fractional), context [B, T, context_dim], y [B, adm] (SDXL)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        if self.config.adm_in_channels:
+            if y is None:
+                raise ValueError("this UNet (SDXL) needs the vector conditioning y (pooled text + size embeddings)")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips, h = [], x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

@@ -1,7 +1,7 @@
 """The Stable Diffusion KL autoencoder with the ldm names (`first_stage_model.encoder.down.0.block.0...`).
 
 Pixels in [-1, 1] are encoded to a diagonal Gaussian over latents; the diffusion model works on
-`mean * scale_factor` (0.18215 for SD1/SD2, see `SD_LATENT_SCALE`), which keeps latents near
+`mean * scale_factor` (0.18215 for SD1/SD2, 0.13025 for SDXL's VAE), which keeps latents near
 unit variance.
 """
 
@@ -14,6 +14,7 @@ from torch import nn
 from .unet import Upsample  # the same nearest x2 + 3x3 conv, with the same `conv` name
 
 SD_LATENT_SCALE = 0.18215  # the one place the SD1/SD2 latent scale factor is written
+SDXL_LATENT_SCALE = 0.13025  # SDXL's VAE (same architecture, retrained)
 
 
 @dataclass(frozen=True)

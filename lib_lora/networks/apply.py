@@ -17,6 +17,7 @@ from .errors import LoraNotFoundError
 from .files import LORA_SUFFIXES, load_lora
 from .patcher import ActiveLora, LoraPatcher
 from .prompt import LoraTag, extract_lora_tags
+from .targets import text_models_for
 
 __all__ = ["ActiveLora", "LoraPatcher", "extract_lora_tags", "find_lora_files", "resolve_lora", "generate_with_loras"]
 
@@ -76,6 +77,6 @@ def generate_with_loras(ckpt: Checkpoint, params: GenerationParams, lora_dirs: I
     """`generate` with the prompt's `<lora:...>` tags applied (and cut from the prompt), then undone."""
     prompt, tags = extract_lora_tags(params.prompt)
     loras = load_tagged(tags, list(lora_dirs))
-    with LoraPatcher(ckpt.unet, ckpt.text_encoder, mode) as patcher:
+    with LoraPatcher(ckpt.unet, text_models_for(ckpt.arch, ckpt.text_encoder, ckpt.text_encoder_2), mode) as patcher:
         patcher.apply(loras)
         return generate(ckpt, replace(params, prompt=prompt), callback)

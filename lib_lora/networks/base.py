@@ -16,13 +16,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..models.open_clip_text import FusedSlice
 from .errors import LoraFormatError
 from .functional import apply_weight, flat_shape, lora_scale
 
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """'linear', 'conv1x1' or 'conv' (any other kernel) for the layers adapters can target; else None."""
-    if isinstance(layer, nn.Linear):
+    """'linear', 'conv1x1' or 'conv' (any other kernel) for the layers adapters can target; else None.
+
+    An OpenCLIP q/k/v projection (a `FusedSlice` of the fused in_proj) is a Linear to adapters.
+    """
+    if isinstance(layer, (nn.Linear, FusedSlice)):
         return "linear"
     if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros":
         return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"

@@ -19,12 +19,12 @@ from ..models.tensor_files import read_tensor_file
 from .base import AdapterModule
 from .errors import LoraFormatError
 from .metadata import sshs_hashes
-from .naming import TEXT_PREFIX, TEXT_PREFIX_ALIASES, UNET_PREFIX
+from .naming import SDXL_TEXT_PREFIXES, TEXT_PREFIX, UNET_PREFIX
 from .registry import module_from_tensors
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-KNOWN_PREFIXES = (UNET_PREFIX, TEXT_PREFIX, *TEXT_PREFIX_ALIASES)
+KNOWN_PREFIXES = (UNET_PREFIX, TEXT_PREFIX, *SDXL_TEXT_PREFIXES)
 CARD_SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")
 
 
@@ -100,8 +100,8 @@ def group_by_module(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
         if not dot:
             raise LoraFormatError(f"{source}: key {key!r} has no '.<param>' part; not a LoRA key")
         if not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
-            prefix = "an SDXL second-text-encoder" if name.startswith("lora_te2_") else "an unknown"
-            raise LoraFormatError(f"{source}: key {key!r} has {prefix} module prefix (an SD1 LoRA uses lora_unet_, lora_te_)")
+            raise LoraFormatError(f"{source}: key {key!r} has an unknown module prefix (kohya's are lora_unet_, lora_te_; "
+                                  f"SDXL lora_te1_, lora_te2_)")
         groups.setdefault(name, {})[param] = tensors[key]
     return groups
 

@@ -16,7 +16,22 @@ from safetensors.torch import save as safetensors_bytes
 
 MODELSPEC_VERSION = "1.0.1"
 LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000
-SD_VERSIONS = {"sd_v1": "SD1", "sd_v2": "SD2"}  # ss_base_model_version -> webui card "sd version"
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for every SDXL-family model
+SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya's modelspec.implementation for SDXL
+
+
+def base_model_version(arch: str, v_parameterization: bool) -> str:
+    """kohya's `ss_base_model_version`: sd_v1, sd_v1_v, sd_v2, sd_v2_v or sdxl_base_v1-0."""
+    if arch == "sdxl":
+        return SDXL_BASE_MODEL_VERSION
+    return ("sd_v2" if arch == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
+
+
+def card_sd_version(base_model_version: str) -> str:
+    """The webui card's "sd version" (SD1 / SD2 / SDXL), which decides for which loaded models the LoRA is listed."""
+    if base_model_version.startswith("sdxl_"):
+        return "SDXL"
+    return "SD2" if base_model_version.startswith("sd_v2") else "SD1"
 
 
 def _str(value) -> str:
@@ -30,7 +45,10 @@ def _resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def modelspec_architecture(base_model_version: str, v_parameterization: bool) -> str:
-    """`stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora` or `stable-diffusion-v2-768-v/lora`."""
+    """`stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora`, `stable-diffusion-v2-768-v/lora` or
+    `stable-diffusion-xl-v1-base/lora`."""
+    if base_model_version.startswith("sdxl_"):
+        return "stable-diffusion-xl-v1-base/lora"
     if base_model_version.startswith("sd_v2"):
         return "stable-diffusion-v2-768-v/lora" if v_parameterization else "stable-diffusion-v2-512/lora"
     return "stable-diffusion-v1/lora"
@@ -38,12 +56,13 @@ def modelspec_architecture(base_model_version: str, v_parameterization: bool) ->
 
 def modelspec_metadata(*, title: str, base_model_version: str, v_parameterization: bool, resolution, clip_skip=None,
                        timestamp: float | None = None, **fields) -> dict[str, str]:
-    """The `modelspec.*` keys kohya writes for an SD1/SD2 LoRA; extra `fields` become `modelspec.<name>`."""
+    """The `modelspec.*` keys kohya writes for an SD1/SD2/SDXL LoRA; extra `fields` become `modelspec.<name>`."""
     w, h = _resolution(resolution)
     meta = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": modelspec_architecture(base_model_version, v_parameterization),
-        "modelspec.implementation": "diffusers",  # kohya's value for SD1/SD2 LoRAs (lora-format.md §8.2)
+        # kohya's values (lora-format.md §8.2): diffusers for SD1/SD2 LoRAs, Stability's repository for SDXL
+        "modelspec.implementation": SDXL_IMPLEMENTATION if base_model_version.startswith("sdxl_") else "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": datetime.fromtimestamp(time.time() if timestamp is None else timestamp).replace(microsecond=0).isoformat(),

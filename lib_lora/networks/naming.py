@@ -5,7 +5,10 @@ kohya trains SD1/SD2 on a diffusers-layout UNet, so its files name UNet modules 
 (`input_blocks.1.1.proj_in`). `ldm_to_diffusers` converts by arithmetic on the block indices, with
 R = resnets per down level (2 for SD1/SD2): input block n holds level (n-1)//(R+1) item (n-1)%(R+1),
 every (R+1)-th input block is a downsampler, output block n holds level n//(R+1) item n%(R+1).
-Text-encoder names are Hugging Face CLIP paths from `text_model.` on, whatever wraps the model.
+SDXL is the exception kohya makes: its files name UNet modules by the ldm path itself
+(`lora_unet_input_blocks_4_1_...`, §5.2), as `unet_ldm_module_name` does.
+Text-encoder names are Hugging Face CLIP paths from `text_model.` on, whatever wraps the model;
+OpenCLIP layers (SD2, SDXL's second encoder) take the name of their Hugging Face counterpart.
 """
 
 import re
@@ -15,6 +18,7 @@ from .errors import NamingError
 UNET_PREFIX = "lora_unet"
 TEXT_PREFIX = "lora_te"
 TEXT_PREFIX_ALIASES = ("lora_te1",)  # SDXL's first-encoder prefix, which the webui and ComfyUI accept for SD1
+SDXL_TEXT_PREFIXES = ("lora_te1", "lora_te2")  # SDXL: CLIP-L, OpenCLIP bigG
 
 # ResBlock children, ldm -> diffusers (lora-format.md §6 "resnet inner").
 RESNET_CHILDREN = {
@@ -33,6 +37,16 @@ OUTSIDE_BLOCKS = {
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
 }
+# OpenCLIP resblock layers -> their Hugging Face CLIP names (lora-format.md §4).
+OPEN_CLIP_TO_HF = {
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_OPEN_CLIP_LAYER = re.compile(r"(?:^|\.)transformer\.resblocks\.(\d+)\.(" + "|".join(map(re.escape, OPEN_CLIP_TO_HF)) + r")$")
 _BLOCK_PATH = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)|middle_block\.(\d+)\.(.+)")
 _UNET_ROOT = re.compile(r"^(?:.*\.)?diffusion_model\.")
 
@@ -109,11 +123,24 @@ def unet_ldm_module_name(path: str) -> str:
 
 
 def text_model_path(path: str) -> str:
-    """The path from `text_model.` on: `cond_stage_model.wrapped.transformer.text_model.x` -> `text_model.x`."""
+    """The Hugging Face CLIP path of a text-encoder layer, from `text_model.` on.
+
+    `cond_stage_model.wrapped.transformer.text_model.x` -> `text_model.x`; an OpenCLIP layer
+    (SD2, SDXL's second encoder) maps as kohya converts it: `transformer.resblocks.N.attn.q_proj` ->
+    `text_model.encoder.layers.N.self_attn.q_proj`, `mlp.c_fc` -> `mlp.fc1`, `mlp.c_proj` -> `mlp.fc2`.
+    """
+    if m := _OPEN_CLIP_LAYER.search(path):
+        return f"text_model.encoder.layers.{m.group(1)}.{OPEN_CLIP_TO_HF[m.group(2)]}"
     at = path.find("text_model.")
     if at < 0 or (at > 0 and path[at - 1] != "."):
-        raise NamingError(f"{path}: not a CLIP text-encoder layer path (no 'text_model.' in it)")
+        raise NamingError(f"{path}: not a CLIP text-encoder layer path (no 'text_model.' or 'transformer.resblocks.' in it)")
     return path[at:]
+
+
+def text_layer_index(path: str) -> int | None:
+    """N of `...layers.N...` (CLIP) or `...resblocks.N...` (OpenCLIP); None outside the encoder layers."""
+    m = re.search(r"(?:encoder\.layers|transformer\.resblocks)\.(\d+)\.", path)
+    return None if m is None else int(m.group(1))
 
 
 def text_module_name(path: str, prefix: str = TEXT_PREFIX) -> str:

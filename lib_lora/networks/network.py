@@ -6,14 +6,14 @@ from a file. The adapters hook the host layers (`apply_to`/`remove`, or `with ne
 models' parameters, names and state dicts never change, so this works on the webui's model too.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import NetworkConfigError
 from .lora import LoRAModule
-from .targets import Target, num_res_blocks_of, text_targets, unet_targets
+from .targets import Target, TextModel, as_text_models, num_res_blocks_of, text_targets, unet_targets
 
 
 class LoraNetwork(nn.Module):
@@ -51,8 +51,10 @@ class LoraNetwork(nn.Module):
     def unet_parameters(self) -> list[nn.Parameter]:
         return [p for name in self._unet_names for p in self._modules[name].parameters()]
 
-    def text_encoder_parameters(self) -> list[nn.Parameter]:
-        return [p for name in self._text_names for p in self._modules[name].parameters()]
+    def text_encoder_parameters(self, prefix: str | None = None) -> list[nn.Parameter]:
+        """Adapters of the text encoder(s); with `prefix` (e.g. `lora_te2`) only that encoder's."""
+        names = [n for n in self._text_names if prefix is None or n.startswith(prefix + "_")]
+        return [p for name in names for p in self._modules[name].parameters()]
 
     def network_args(self) -> dict[str, str]:
         """kohya `--network_args` pairs (values as strings) for `ss_network_args`."""
@@ -105,7 +107,7 @@ def _network_args(conv_dim, conv_alpha, rank_dropout, module_dropout) -> dict[st
 
 def make_network(
     unet: nn.Module | None,
-    text_encoder: nn.Module | None,
+    text_encoder: nn.Module | Sequence[TextModel] | None,
     *,
     network_dim: int = 4,
     network_alpha: float = 1.0,
@@ -120,6 +122,7 @@ def make_network(
 ) -> LoraNetwork:
     """A fresh LoRA (conv_dim None) or LoCon (conv_dim set) network with kohya's defaults and targets.
 
+    `text_encoder` is SD1's encoder module, or the host's `TextModel` list (SD2, SDXL's two encoders).
     Linear and 1×1-conv layers get rank `network_dim`/`network_alpha`; 3×3 convs (LoCon only) get
     `conv_dim`/`conv_alpha` (default 1, as kohya). `device` defaults to each host layer's device;
     adapters are fp32 whatever the host's dtype. Not yet applied: call `apply_to()` or use `with`.
@@ -127,7 +130,8 @@ def make_network(
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = 1.0
     _check_args(network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout)
-    use_unet, use_text = unet is not None and train_unet, text_encoder is not None and train_text_encoder
+    text_models = as_text_models(text_encoder)
+    use_unet, use_text = unet is not None and train_unet, bool(text_models) and train_text_encoder
     if not (use_unet or use_text):
         raise NetworkConfigError("nothing to train: no UNet (or train_unet=False) and no text encoder (or train_text_encoder=False)")
     dropouts = {"dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout, "device": device}
@@ -136,6 +140,6 @@ def make_network(
         rank, alpha = (conv_dim, conv_alpha) if target.kind == "conv" else (network_dim, network_alpha)
         return LoRAModule.for_layer(target.name, target.layer, rank, alpha, **dropouts)
 
-    text = [build(t) for t in text_targets(text_encoder)] if use_text else []
+    text = [build(t) for t in text_targets(text_models)] if use_text else []
     unet_modules = [build(t) for t in unet_targets(unet, conv_dim is not None, num_res_blocks_of(unet))] if use_unet else []
     return LoraNetwork(text, unet_modules, _network_args(conv_dim, conv_alpha, rank_dropout, module_dropout))

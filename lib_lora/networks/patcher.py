@@ -20,7 +20,7 @@ from .base import AdapterModule
 from .errors import LoraFormatError
 from .files import LoraFile
 from .prompt import LoraTag, block_weight
-from .targets import Target, name_table
+from .targets import Target, TextModel, name_table
 
 MODES = ("merge", "onthefly")
 Entries = tuple[tuple[AdapterModule, float], ...]  # (module, multiplier) per LoRA touching one layer
@@ -45,13 +45,16 @@ class ActiveLora:
 
 
 class LoraPatcher:
-    """Patches `unet` and `text_encoder` (either may be None) with LoRA files; a context manager."""
+    """Patches `unet` and the text encoder(s) (either may be None) with LoRA files; a context manager.
 
-    def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None, mode: str = "merge"):
+    `text_encoders` is SD1's encoder module or a `TextModel` list (SD2, SDXL's two with their prefixes).
+    """
+
+    def __init__(self, unet: nn.Module | None, text_encoders: "nn.Module | Sequence[TextModel] | None", mode: str = "merge"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self._targets = name_table(unet, text_encoder)
+        self._targets = name_table(unet, text_encoders)
         self._current: dict[str, Entries] = {}  # layer path key -> what is applied now
         self._backups: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, RemovableHandle] = {}

@@ -63,7 +63,7 @@ def run_train(args) -> None:
         config = config_from_args(args)
         if not config.train_data_dir:
             raise ConfigError("train_data_dir: give the dataset folder (--train_data_dir DIR or in --config)")
-    host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir)
+    host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir, parameterization="v" if config.v_parameterization else None)
     if config.output_dir:
         host.lora_dir = Path(config.output_dir)
     result = train(config, host, on_event=ProgressBar(), run_dir=args.resume, resume=bool(args.resume))
@@ -73,7 +73,7 @@ def run_train(args) -> None:
 def add_train_command(commands) -> None:
     parser = commands.add_parser("train", help="train a LoRA/LoCon on a dataset folder")
     parser.add_argument("--config", type=Path, help="a TOML file of options (flags override it)")
-    parser.add_argument("--checkpoint", type=Path, help="base SD1 checkpoint (default: the embedded tiny model)")
+    parser.add_argument("--checkpoint", type=Path, help="base SD1/SD2/SDXL checkpoint (default: the embedded tiny model)")
     parser.add_argument("--out-dir", type=Path, default=Path("out"), help="LoRAs go to OUT/lora, runs to OUT/runs")
     parser.add_argument("--resume", type=Path, help="continue the run in this run folder")
     add_config_flags(parser)

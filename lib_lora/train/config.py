@@ -70,7 +70,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
     learning_rate: float = _opt(1e-4, "base learning rate (kohya's 2e-6 is for full fine-tuning, far too low for LoRA)")
     unet_lr: float = _opt(0.0, "if > 0, the UNet's learning rate")
-    text_encoder_lr: float = _opt(0.0, "if > 0, the text encoder's learning rate")
+    text_encoder_lr: float = _opt(0.0, "if > 0, the text encoder's learning rate (SDXL: both encoders')")
+    text_encoder_2_lr: float = _opt(0.0, "if > 0, SDXL's second text encoder's (OpenCLIP bigG) learning rate (kohya: the "
+                                         "second value of --text_encoder_lr)")
     optimizer_type: str = _opt("AdamW", "optimizer", choices=OPTIMIZERS)
     weight_decay: float = _opt(0.01, "decoupled weight decay (AdamW, Lion, Prodigy); L2 for SGD")
     adam_beta1: float = _opt(0.9, "beta1 (AdamW, Lion, Prodigy)")
@@ -90,7 +92,9 @@ class TrainConfig:
     multires_noise_iterations: int = _opt(0, "pyramid noise levels (0 = off)")
     multires_noise_discount: float = _opt(0.3, "pyramid noise discount per level")
     min_snr_gamma: float = _opt(0.0, "min-SNR-gamma loss weighting (0 = off; 5 is usual)")
-    clip_skip: int = _opt(1, "use the text encoder's N-th layer from the end")
+    clip_skip: int = _opt(1, "use the text encoder's N-th layer from the end (SD1 only: SD2 and SDXL use their fixed layers, as the webui)")
+    v_parameterization: bool = _opt(False, "the base model predicts v (SD2 768-v, v-pred SDXL) and its file does not say so")
+    zero_terminal_snr: bool = _opt(False, "rescale the noise schedule to zero SNR at the last timestep (v-prediction models trained so)")
     min_timestep: int = _opt(0, "lowest timestep sampled")
     max_timestep: int = _opt(1000, "highest timestep sampled (exclusive)")
     # --- saving and samples
@@ -118,6 +122,10 @@ class TrainConfig:
     @property
     def effective_text_encoder_lr(self) -> float:
         return self.text_encoder_lr or self.learning_rate
+
+    @property
+    def effective_text_encoder_2_lr(self) -> float:
+        return self.text_encoder_2_lr or self.effective_text_encoder_lr
 
     @property
     def train_unet(self) -> bool:

@@ -18,7 +18,7 @@ from ..data.buckets import BucketChoice, cover_size, make_buckets, select_bucket
 from ..data.cache import LatentCache
 from ..data.captions import build_caption
 from ..data.folders import DatasetScan, ImageItem, check_batch_size, scan_dataset
-from ..data.images import apply_fit, image_to_tensor, load_image, plan_fit, should_flip
+from ..data.images import FitPlan, apply_fit, image_to_tensor, load_image, plan_fit, should_flip
 from ..data.split import split_validation
 from .config import TrainConfig
 
@@ -78,6 +78,16 @@ class Batch:
     captions: list[str]
     is_reg: torch.Tensor  # [B] bool
     masks: torch.Tensor | None  # [B, 1, h, w] or None
+    size_info: torch.Tensor  # [B, 6]: original (h, w), crop (top, left), target (h, w); SDXL's size conditioning
+
+
+def size_info(original: tuple[int, int], plan: FitPlan, flip: bool) -> list[int]:
+    """SDXL's size conditioning of one sample, as kohya's sdxl_train_network computes it: the source image's
+    (h, w), the crop's (top, left) in the resized image (mirrored when flipped), and the bucket's (h, w)."""
+    left, top, right, bottom = plan.crop_box
+    if flip:
+        left = plan.resized_size[0] - right
+    return [original[1], original[0], top, left, bottom - top, right - plan.crop_box[0]]
 
 
 class BatchEncoder:
@@ -100,15 +110,16 @@ class BatchEncoder:
             rng=rng,
         )
 
-    def latents(self, sample: Sample, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latent [4, h, w] and, with masked loss, the alpha mask [1, H, W] fitted the same way."""
+    def latents(self, sample: Sample, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """Latent [4, h, w], with masked loss the alpha mask [1, H, W] fitted the same way, and the size info."""
         flip = should_flip(self.config.flip_aug, rng)
         resized = self.choices[sample.item].resized_size
         plan = plan_fit(sample.item.size, sample.bucket, random_crop=self.config.random_crop, rng=rng, resized_size=resized)
+        sizes = size_info(sample.item.size, plan, flip)
         key = self.cache.key_for(sample.item, sample.bucket, plan.crop_box, flip, resized) if self.cache is not None else None
         latent = self.cache.get(key) if key else None
         if latent is not None and not self.config.masked_loss:
-            return latent, None  # a cache hit never opens the image
+            return latent, None, sizes  # a cache hit never opens the image
         image, alpha = load_image(sample.item.path, with_alpha=self.config.masked_loss)
         if latent is None:
             with torch.no_grad():
@@ -116,19 +127,19 @@ class BatchEncoder:
             if key:
                 self.cache.put(key, latent)
         if not self.config.masked_loss:
-            return latent, None
+            return latent, None, sizes
         alpha = np.ones((image.height, image.width), np.float32) if alpha is None else alpha
         mask = np.asarray(apply_fit(Image.fromarray(alpha), plan, flip), dtype=np.float32)
-        return latent, torch.from_numpy(mask.clip(0, 1))[None]
+        return latent, torch.from_numpy(mask.clip(0, 1))[None], sizes
 
     def encode(self, samples: list[Sample], rng: random.Random) -> Batch:
-        latents, masks = zip(*(self.latents(s, rng) for s in samples))
+        latents, masks, sizes = zip(*(self.latents(s, rng) for s in samples))
         captions = [self.caption(s, rng) for s in samples]
         latents = torch.stack(latents)
         mask = None
         if self.config.masked_loss:
             mask = torch.nn.functional.interpolate(torch.stack(masks), size=latents.shape[-2:], mode="area")
-        return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask)
+        return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask, torch.tensor(sizes, dtype=torch.float32))
 
 
 def plan_warnings(config: TrainConfig, data: TrainingData) -> list[str]:

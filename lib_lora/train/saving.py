@@ -4,6 +4,9 @@ Names follow kohya: `<name>-000004.safetensors` (epoch 4), `<name>-step00000500.
 `<name>.safetensors` at the end, all in the host's Lora folder so the webui lists them.
 """
 
+import functools
+import hashlib
+import random
 import re
 import time
 from pathlib import Path
@@ -11,8 +14,9 @@ from pathlib import Path
 import torch
 
 from ..data.batches import bucket_info
+from ..data.cache import file_sha256
 from ..networks.files import save_lora, write_card
-from ..networks.metadata import training_metadata
+from ..networks.metadata import LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, base_model_version, card_sd_version, training_metadata
 from .config import ConfigError, TrainConfig
 from .run_folder import Progress
 
@@ -32,12 +36,32 @@ def check_output_free(config: TrainConfig, host) -> None:
         raise ConfigError(f"output_name: {taken[0]} already exists; choose another output_name or set overwrite")
 
 
+
+@functools.lru_cache(maxsize=4)
+def checkpoint_hashes(path: Path, mtime_ns: int) -> dict[str, str]:
+    """kohya's `ss_sd_model_hash` (the webui's old 8-hex hash: sha256 of 64 KiB at 1 MiB) and
+    `ss_new_sd_model_hash` (sha256 of the whole file) of the base checkpoint; once per file version."""
+    with open(path, "rb") as handle:
+        handle.seek(LEGACY_HASH_OFFSET)
+        legacy = hashlib.sha256(handle.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
+    return {"sd_model_hash": legacy, "new_sd_model_hash": file_sha256(path)}
+
+
 class LoraSaver:
     def __init__(self, config: TrainConfig, host, data, run):
         self.config, self.host, self.data, self.run = config, host, data, run
         self.folder = lora_dir_for(config, host)
         self.started_at = time.time()
+        self.session_id = random.SystemRandom().randint(0, 2**32 - 1)  # kohya's ss_session_id: one per training process
         self.last_path: Path | None = None
+
+    def _model_hashes(self) -> dict[str, str]:
+        path = self.host.checkpoint_path
+        return checkpoint_hashes(path, path.stat().st_mtime_ns) if path is not None and path.is_file() else {}
+
+    @property
+    def v_parameterization(self) -> bool:
+        return self.config.v_parameterization or self.host.schedule.parameterization == "v"
 
     def metadata(self, network, progress: Progress) -> dict[str, str]:
         c, data = self.config, self.data
@@ -47,8 +71,8 @@ class LoraSaver:
             network_dim=c.network_dim,
             network_alpha=c.network_alpha,
             network_args=network.network_args(),
-            base_model_version=self.host.sd_version,
-            v_parameterization=self.host.schedule.parameterization == "v",
+            base_model_version=base_model_version(self.host.arch, self.v_parameterization),
+            v_parameterization=self.v_parameterization,
             sd_model_name=self.host.model_name,
             resolution=tuple(c.resolution),
             num_train_images=data.train.num_with_repeats(),
@@ -94,6 +118,14 @@ class LoraSaver:
             bucket_no_upscale=c.bucket_no_upscale,
             bucket_info=bucket_info(data.samples),
             dataset_dirs={s.directory.name: {"n_repeats": s.repeats, "img_count": len(s.items)} for s in data.train.subsets},
+            session_id=self.session_id,
+            network_dropout=c.network_dropout or None,
+            loss_type="l2",
+            zero_terminal_snr=c.zero_terminal_snr,
+            validation_split=c.validation_split,
+            validation_seed=c.seed if c.validation_split else None,
+            num_validation_images=len(data.validation_samples),
+            **self._model_hashes(),
         )
 
     def _write(self, path: Path, network, progress: Progress) -> Path:
@@ -122,7 +154,8 @@ class LoraSaver:
     def save_final(self, network, progress: Progress) -> Path:
         """`<name>.safetensors` plus the webui card (trigger words as activation text) and a preview."""
         path = self._write(self.folder / f"{self.config.output_name}.safetensors", network, progress)
-        write_card(path, activation_text=self.config.trigger_words, preferred_weight=1.0, sd_version="SD1", preview=self._latest_sample())
+        version = card_sd_version(base_model_version(self.host.arch, self.v_parameterization))
+        write_card(path, activation_text=self.config.trigger_words, preferred_weight=1.0, sd_version=version, preview=self._latest_sample())
         self.host.register_network(path)
         return path
 

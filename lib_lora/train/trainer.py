@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.conditioning import Conditioning, sdxl_vector
+from ..models.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..networks.network import make_network
 from .config import TrainConfig
 from .cpu_memory import keep_freed_memory
@@ -76,7 +78,7 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     torch.manual_seed(config.seed)  # the LoRA down-projections' random init, and later dropout
     network = make_network(
         host.unet if config.train_unet else None,
-        host.text_encoder if config.train_text_encoder else None,
+        host.text_encoders if config.train_text_encoder else None,
         network_dim=config.network_dim,
         network_alpha=config.network_alpha,
         conv_dim=config.conv_dim if config.network_type == "locon" else None,
@@ -103,8 +105,21 @@ def _seeded_rngs(config: TrainConfig) -> tuple[random.Random, torch.Generator]:
     return random.Random(config.seed), torch.Generator(device="cpu").manual_seed(config.seed)
 
 
-def _make_optimizer(config: TrainConfig, network):
-    groups = parameter_groups(network.unet_parameters(), network.text_encoder_parameters(), config.effective_unet_lr, config.effective_text_encoder_lr)
+def training_schedule(config: TrainConfig, host) -> NoiseSchedule:
+    """The host's schedule, with kohya's `--v_parameterization` and `--zero_terminal_snr` applied."""
+    alphas = host.schedule.alphas_cumprod
+    if config.zero_terminal_snr:
+        alphas = rescale_zero_terminal_snr(alphas)
+    return NoiseSchedule(alphas, "v" if config.v_parameterization else host.schedule.parameterization)
+
+
+def _make_optimizer(config: TrainConfig, network, host):
+    if host.arch == "sdxl":  # each encoder its own rate, as kohya's two --text_encoder_lr values
+        text, text_2 = network.text_encoder_parameters("lora_te1"), network.text_encoder_parameters("lora_te2")
+    else:
+        text, text_2 = network.text_encoder_parameters(), []
+    groups = parameter_groups(network.unet_parameters(), text, config.effective_unet_lr, config.effective_text_encoder_lr,
+                              text_2, config.effective_text_encoder_2_lr)
     return make_optimizer(
         groups,
         optimizer_type=config.optimizer_type,
@@ -132,7 +147,7 @@ def _set_lr(optimizer, config: TrainConfig, step: int, total: int) -> float:
 
 def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool, emit) -> TrainResult:
     data_rng, noise_rng = _seeded_rngs(config)
-    optimizer = _make_optimizer(config, network)
+    optimizer = _make_optimizer(config, network, host)
     progress = run.load_state(network, optimizer, data_rng, noise_rng) if resume and run.has_state() else Progress()
     if resume:
         run.truncate_log(progress.global_step)
@@ -140,6 +155,7 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
     encoder = BatchEncoder(host, config, data.choices, run.path / "latents" if config.cache_latents_to_disk else None)
     scaler = _grad_scaler(config, host)
     text_cache = {} if _can_cache_text(config) else None
+    schedule = training_schedule(config, host)
     total = data.steps.total_steps
     losses, last_loss, tick = deque(maxlen=50), None, time.perf_counter()
     network.train()
@@ -148,7 +164,7 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
         accumulate = config.gradient_accumulation_steps
         for index in range(progress.batch_in_epoch, len(batches)):
             batch = encoder.encode(batches[index], data_rng)
-            loss = _loss(config, host, network, batch, noise_rng, text_cache)
+            loss = _loss(config, host, schedule, batch, noise_rng, text_cache)
             if not math.isfinite(loss.item()):
                 raise TrainingError(f"loss became {loss.item()} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path or 'no file yet'}. Lower the learning rate or use fp32/bf16.")
             scaler.scale(loss / accumulate).backward()
@@ -194,24 +210,37 @@ def _autocast(config: TrainConfig, host):
     return torch.autocast("cuda", dtype=torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16)
 
 
-def _encode_text(config, host, captions: list[str], text_cache: dict | None) -> torch.Tensor:
+def _encode_text(config, host, captions: list[str], text_cache: dict | None) -> Conditioning:
+    """The captions' conditioning; with a cache (frozen encoders, fixed captions) each caption is encoded once."""
     if text_cache is None:
         return host.encode_text(captions, config.clip_skip)
     missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
     if missing:
         with torch.no_grad():
-            for caption, z in zip(missing, host.encode_text(missing, config.clip_skip)):
-                text_cache[caption] = z[None]
+            encoded = host.encode_text(missing, config.clip_skip)
+            for i, caption in enumerate(missing):
+                text_cache[caption] = encoded[i : i + 1]
     return _same_length_cat([text_cache[c] for c in captions])
 
 
-def _same_length_cat(contexts: list[torch.Tensor]) -> torch.Tensor:
+def _same_length_cat(parts: list[Conditioning]) -> Conditioning:
     """Concatenate contexts of different chunk counts by repeating their last chunk (rare: >75 tokens)."""
-    length = max(z.shape[1] for z in contexts)
-    return torch.cat([torch.cat([z] + [z[:, -77:]] * ((length - z.shape[1]) // 77), dim=1) for z in contexts])
+    length = max(p.context.shape[1] for p in parts)
+    padded = [Conditioning(torch.cat([p.context] + [p.context[:, -77:]] * ((length - p.context.shape[1]) // 77), dim=1), p.pooled)
+              for p in parts]
+    return Conditioning.cat(padded)
 
 
-def _loss(config: TrainConfig, host, network, batch: Batch, noise_rng: torch.Generator, text_cache) -> torch.Tensor:
+def _predict(host, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, size_info: torch.Tensor) -> torch.Tensor:
+    """The UNet's output; SDXL also gets its vector y (pooled text + each sample's size and crop)."""
+    context = cond.context.to(host.dtype)
+    if cond.pooled is None:
+        return host.unet(noisy.to(host.dtype), timesteps, context)
+    y = sdxl_vector(cond.pooled, size_info[:, 0:2], size_info[:, 2:4], size_info[:, 4:6]).to(host.dtype)
+    return host.unet(noisy.to(host.dtype), timesteps, context, y)
+
+
+def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, noise_rng: torch.Generator, text_cache) -> torch.Tensor:
     """One micro-batch: noise the latents at random timesteps, predict, weighted MSE against the target."""
     latents = batch.latents.to(host.device)
     noise = torch.randn(latents.shape, generator=noise_rng).to(host.device)
@@ -220,16 +249,16 @@ def _loss(config: TrainConfig, host, network, batch: Batch, noise_rng: torch.Gen
     if config.multires_noise_iterations:
         noise = pyramid_noise(noise, config.multires_noise_iterations, config.multires_noise_discount, noise_rng)
     timesteps = torch.randint(config.min_timestep, config.max_timestep, (latents.shape[0],), generator=noise_rng)
-    alphas = host.schedule.alphas_cumprod
+    alphas = schedule.alphas_cumprod
     noisy = add_noise(latents, noise, alphas.to(host.device), timesteps.to(host.device))
     with _autocast(config, host):
-        context = _encode_text(config, host, batch.captions, text_cache)
-        prediction = host.unet(noisy.to(host.dtype), timesteps.to(host.device), context.to(host.dtype))
-    target = training_target(latents, noise, alphas.to(host.device), timesteps.to(host.device), host.schedule.parameterization)
+        cond = _encode_text(config, host, batch.captions, text_cache)
+        prediction = _predict(host, noisy, timesteps.to(host.device), cond, batch.size_info)
+    target = training_target(latents, noise, alphas.to(host.device), timesteps.to(host.device), schedule.parameterization)
     per_sample = masked_mse(prediction, target, None if batch.masks is None else batch.masks.to(host.device))
     weights = torch.where(batch.is_reg, config.prior_loss_weight, 1.0).to(host.device)
     if config.min_snr_gamma:
-        weights = weights * min_snr_weight(alphas, timesteps, config.min_snr_gamma, host.schedule.parameterization).to(host.device)
+        weights = weights * min_snr_weight(alphas, timesteps, config.min_snr_gamma, schedule.parameterization).to(host.device)
     return (per_sample * weights).mean()
 
 
@@ -281,17 +310,18 @@ def validation_loss(config: TrainConfig, host, network, data: TrainingData) -> f
     try:
         encoder = BatchEncoder(host, config.replace(flip_aug=False, random_crop=False), data.choices, None)
         rng, noise_rng = random.Random(0), torch.Generator().manual_seed(0)
-        losses = []
+        schedule, losses = training_schedule(config, host), []
         for t in VALIDATION_TIMESTEPS:
             for sample in data.validation_samples:
                 batch = encoder.encode([sample], rng)
                 latents = batch.latents.to(host.device)
                 noise = torch.randn(latents.shape, generator=noise_rng).to(host.device)
                 timesteps = torch.full((1,), t, device=host.device)
-                noisy = add_noise(latents, noise, host.schedule.alphas_cumprod.to(host.device), timesteps)
-                context = host.encode_text([batch.captions[0]], config.clip_skip)
-                prediction = host.unet(noisy.to(host.dtype), timesteps, context.to(host.dtype))
-                target = training_target(latents, noise, host.schedule.alphas_cumprod.to(host.device), timesteps, host.schedule.parameterization)
+                alphas = schedule.alphas_cumprod.to(host.device)
+                noisy = add_noise(latents, noise, alphas, timesteps)
+                cond = host.encode_text([batch.captions[0]], config.clip_skip)
+                prediction = _predict(host, noisy, timesteps, cond, batch.size_info)
+                target = training_target(latents, noise, alphas, timesteps, schedule.parameterization)
                 losses.append(masked_mse(prediction, target, None).item())
         return sum(losses) / len(losses)
     finally:

@@ -48,7 +48,7 @@ class FrozenCLIPEmbedderWithCustomWords(nn.Module):
     def forward(self, texts):
         from modules import shared
 
-        return encode_prompts(SimpleNamespace(text_encoder=self.wrapped), texts, shared.opts.data["CLIP_stop_at_last_layers"])
+        return encode_prompts(SimpleNamespace(text_encoder=self.wrapped, arch="sd1"), texts, shared.opts.data["CLIP_stop_at_last_layers"]).context
 
 
 class LatentDiffusion(nn.Module):
