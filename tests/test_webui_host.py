@@ -107,8 +107,16 @@ def forge(webui):
     webui.shared.sd_model.forge_objects = object()
 
 
-def sdxl(webui):
-    webui.shared.sd_model.is_sdxl = True
+def sdxl_refiner(webui):
+    webui.shared.sd_model.is_sdxl = True  # an sgm model without CLIP-L + bigG text embedders
+
+
+def sd3(webui):
+    webui.shared.sd_model.is_sd3 = True
+
+
+def sdxl_inpainting(webui):
+    webui.shared.sd_model.is_sdxl_inpaint = True
 
 
 def lowvram(webui):
@@ -132,7 +140,7 @@ def inpainting(webui):
 
 
 @pytest.mark.parametrize(("setup", "words"), [
-    (forge, "Forge is not supported yet"), (sdxl, "SDXL"), (lowvram, "--lowvram"), (medvram_with_text_encoder, "only the UNet"),
+    (forge, "Forge is not supported yet"), (sdxl_refiner, "SDXL refiner"), (sd3, "SD3"), (sdxl_inpainting, "inpainting"), (lowvram, "--lowvram"), (medvram_with_text_encoder, "only the UNet"),
     (no_model, "No Stable Diffusion checkpoint"), (tensorrt, "SD Unet"), (inpainting, "inpainting"),
 ])
 def test_unsupported_setups_are_refused_clearly_and_release_the_lock(webui, setup, words):
@@ -307,3 +315,76 @@ def test_config_defaults_follow_the_webui(webui):
     assert webui_host.config_defaults() == {"clip_skip": 2, "mixed_precision": "no"}
     webui.shared.cmd_opts.train_lora_output_dir = str(webui.root / "elsewhere")
     assert webui_host.output_dir() == webui.root / "elsewhere"
+
+
+# ---- SD2 and SDXL ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def webui_sdxl(tmp_path, monkeypatch):
+    env = fake_webui.install(tmp_path, monkeypatch, arch="sdxl")
+    yield env
+    fake_webui.uninstall()
+
+
+@pytest.fixture
+def webui_sd2(tmp_path, monkeypatch):
+    env = fake_webui.install(tmp_path, monkeypatch, arch="sd2")
+    yield env
+    fake_webui.uninstall()
+
+
+def test_sdxl_text_conditioning_is_both_embedders_with_bigg_attention_hookable_and_exact(webui_sdxl):
+    """Inside the session bigG's nn.MultiheadAttention runs through hookable q/k/v/out children: the same
+    numbers as torch's own forward, with gradients reaching te2's q/k/v adapters; all undone on exit."""
+    sd_model = webui_sdxl.shared.sd_model
+    clip_l, big_g = sd_model.conditioner.embedders[:2]
+    with torch.no_grad():
+        expected_g, expected_pooled = big_g(["a zkz star"])
+        expected = torch.cat([clip_l(["a zkz star"]), expected_g], dim=-1)
+    with open_webui_host(TrainConfig()) as host:
+        assert host.arch == "sdxl" and [t.prefix for t in host.text_encoders] == ["lora_te1", "lora_te2"]
+        network = make_network(None, host.text_encoders, network_dim=2, network_alpha=2.0)
+        assert sum(n.startswith("lora_te2_") for n in network.module_names()) == 6 * len(big_g.wrapped.model.transformer.resblocks)
+        with torch.no_grad():
+            cond = host.encode_text(["a zkz star"], clip_skip=1)
+        assert torch.allclose(cond.context, expected, atol=1e-5) and torch.allclose(cond.pooled, expected_pooled, atol=1e-5)
+        for module in network.adapters():
+            torch.nn.init.normal_(module.lora_up.weight)
+        with network:
+            cond = host.encode_text(["a zkz star"], clip_skip=1)
+            (cond.context.square().mean() + cond.pooled.square().mean()).backward()
+    grads = {m.lora_name: m.lora_up.weight.grad for m in network.adapters()}
+    for name in ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_1_self_attn_v_proj",
+                 "lora_te2_text_model_encoder_layers_1_self_attn_out_proj", "lora_te1_text_model_encoder_layers_0_mlp_fc1"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    attention = big_g.wrapped.model.transformer.resblocks[0].attn
+    assert "q_proj" not in attention._modules and "forward" not in vars(attention)
+
+
+def test_sdxl_run_trains_unet_and_both_encoders_and_saves_an_sdxl_file(webui_sdxl, dataset):
+    config = config_for(dataset, sample_every_n_steps=2, sample_prompts=("zkz star --s 2 --w 64 --h 64",), gradient_checkpointing=True)
+    with open_webui_host(config) as host:
+        latents = host.encode_pixels(torch.zeros(1, 3, 64, 64))
+        result = train(config, host)
+    assert latents.shape == (1, 4, 16, 16)
+    lora = load_lora(result.final_path)
+    assert lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0" and lora.metadata["ss_sd_model_name"] == "tinyxl"
+    names = set(lora.modules)
+    assert {n.split("_text_model")[0] for n in names if "_text_model" in n} == {"lora_te1", "lora_te2"}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names  # kohya's ldm-style SDXL UNet names
+    assert webui_sdxl.modules.processing.records[0]["hooks_live"]
+    assert not any(m._forward_hooks or "forward" in vars(m) for m in webui_sdxl.shared.sd_model.modules())
+
+
+def test_sd2_run_trains_23_of_24_openclip_layers_as_kohya_names_them(webui_sd2, dataset):
+    config = config_for(dataset)
+    with open_webui_host(config) as host:
+        assert host.arch == "sd2" and host.schedule.parameterization == "v"
+        result = train(config, host)
+    lora = load_lora(result.final_path)
+    layers = len(webui_sd2.shared.sd_model.cond_stage_model.wrapped.model.transformer.resblocks)
+    text = {n for n in lora.modules if n.startswith("lora_te_")}
+    assert len(text) == 6 * (layers - 1) and not any(f"_layers_{layers - 1}_" in n for n in text)
+    assert lora.metadata["ss_base_model_version"] == "sd_v2_v" and lora.metadata["ss_v2"] == "True"
+    assert lora.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"

@@ -3,14 +3,16 @@
     with open_webui_host(config) as host:      # holds call_queue.queue_lock for the whole run
         train(config, host, on_event=on_event)  # train() also reports each event to host.report
 
-`open_webui_host` refuses what cannot work (Forge, SD2/SDXL/SD3 for now, inpainting/edit models,
-fp8, --lowvram, text-encoder training under --medvram, a TensorRT-style SD UNet) with a
+SD1, SD2 (ldm `LatentDiffusion`) and SDXL (sgm `DiffusionEngine`) train in place. `open_webui_host`
+refuses what cannot work (Forge, SD3, the SDXL refiner, inpainting/edit models, fp8, --lowvram,
+text-encoder training under --medvram, a TensorRT-style SD UNet) with a
 `WebuiHostError` the tab can show, then puts the model in a trainable, clean state and gives every
 change back on exit: the built-in Lora extension's merged weights are restored and its
 `loaded_networks` cleared, hypernetworks unloaded, cross-attention optimizations undone unless
 "Use cross attention optimizations while training" is set (as the webui's own TI training does),
-ldm's reentrant block checkpointing switched off (it drops the grads of hooked adapters), and
-`requires_grad` cleared on the base weights. Progress goes to `shared.state`; Interrupt is honoured.
+ldm's reentrant block checkpointing switched off (it drops the grads of hooked adapters),
+`requires_grad` cleared on the base weights, and OpenCLIP's `nn.MultiheadAttention` given q/k/v/out
+children that adapters can hook (networks/fused_attention.py). Progress goes to `shared.state`; Interrupt is honoured.
 References are to webui-integration.md (facts 1-10, §2.x).
 
 `modules.*` is imported lazily, inside functions only, so `import lib_lora` works without the webui.
@@ -28,7 +30,8 @@ from torch import nn
 from ..models.conditioning import Conditioning
 from ..models.pipeline import GenerationParams
 from ..models.schedule import NoiseSchedule
-from ..networks.targets import TextModel
+from ..networks.fused_attention import expose_all
+from ..networks.targets import TextModel, text_models_for
 from .base import Host
 
 SETTINGS_SECTION = ("train_lora", "Train LoRA")
@@ -70,9 +73,12 @@ def check_trainable(sd_model, *, train_text_encoder: bool = True) -> None:
     if hasattr(sd_model, "forge_objects"):
         raise WebuiHostError("Stable Diffusion WebUI Forge is not supported yet: Train LoRA needs AUTOMATIC1111's webui (v1.10). Use `python -m lib_lora train` meanwhile.")
     kind = _model_kind(sd_model)
-    if kind != "SD1":
-        raise WebuiHostError(f"The loaded checkpoint is {kind}; Train LoRA supports SD1.x checkpoints for now. Load an SD1.5-based model to train.")
-    if getattr(sd_model.model, "conditioning_key", "crossattn") in ("hybrid", "concat") or getattr(sd_model, "cond_stage_key", "txt") == "edit":
+    if kind == "SD3":
+        raise WebuiHostError("The loaded checkpoint is SD3; Train LoRA trains SD1.x, SD2.x and SDXL models. Load one of those to train.")
+    if kind == "SDXL refiner":
+        raise WebuiHostError("The loaded checkpoint is the SDXL refiner; LoRAs are trained on the SDXL base model or a fine-tune of it. Load one to train.")
+    inpainting = getattr(sd_model.model, "conditioning_key", "crossattn") in ("hybrid", "concat") or getattr(sd_model, "is_sdxl_inpaint", False)
+    if inpainting or getattr(sd_model, "cond_stage_key", "txt") == "edit":
         raise WebuiHostError("The loaded checkpoint is an inpainting or instruct-pix2pix model; train on its base model instead.")
     if getattr(shared.cmd_opts, "lowvram", False):
         raise WebuiHostError("Training is not possible with --lowvram (the webui moves each UNet block between devices). Restart without --lowvram, or with --medvram.")
@@ -88,7 +94,9 @@ def _model_kind(sd_model) -> str:
     if getattr(sd_model, "is_sd3", False):
         return "SD3"
     if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_ssd", False) or hasattr(sd_model, "conditioner"):
-        return "SDXL"
+        embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
+        text_embedders = [e for e in embedders if hasattr(e, "wrapped")]
+        return "SDXL" if len(text_embedders) >= 2 else "SDXL refiner"  # the refiner has bigG alone
     if getattr(sd_model, "is_sd2", False) or hasattr(sd_model.cond_stage_model, "model"):  # SD2: open_clip's `.model`
         return "SD2"
     return "SD1"
@@ -115,9 +123,9 @@ class WebuiHost(Host):
         from modules import devices
 
         self.sd_model = sd_model
-        self.arch, self.unet = "sd1", sd_model.model.diffusion_model
-        self._text_encoder = sd_model.cond_stage_model.wrapped.transformer  # HF CLIPTextModel: `text_model.encoder.layers...`
-        self.text_encoders = [TextModel(self._text_encoder)]
+        self.arch = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}[_model_kind(sd_model)]
+        self.unet = sd_model.model.diffusion_model
+        self.text_encoders = _text_models(sd_model, self.arch)
         alphas = getattr(sd_model, "alphas_cumprod_original", None)  # fp32 copy; alphas_cumprod may be downcast (§2.6)
         alphas = sd_model.alphas_cumprod if alphas is None else alphas
         self.schedule = NoiseSchedule(alphas.detach().float().cpu(), getattr(sd_model, "parameterization", "eps"))
@@ -133,23 +141,44 @@ class WebuiHost(Host):
 
     # -- model access (Host interface)
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The webui's VAE path (§2.5) with the posterior mean, not a sample, as the Host contract says."""
+        """The webui's VAE path (§2.5) with the posterior mean, not a sample, as the Host contract says.
+
+        sgm's (SDXL) encode_first_stage samples and scales in one call, so for SDXL the mean is taken
+        from the VAE's encoder and quant_conv directly and scaled by the model's scale_factor (0.13025).
+        """
         from modules import devices
 
         m = self.sd_model
-        posterior = m.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
+        pixels = pixels.to(devices.device, devices.dtype_vae)
+        if self.arch == "sdxl":
+            with torch.no_grad():
+                vae = m.first_stage_model
+                mean = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)[0]
+                latents = (m.scale_factor * mean).float()
+            if not torch.isfinite(latents).all():
+                raise WebuiHostError("The SDXL VAE gave NaN latents in half precision. Restart the webui with --no-half-vae "
+                                     "(or select the fp16-fix SDXL VAE in Settings > VAE), then train.")
+            return latents
+        posterior = m.encode_first_stage(pixels)
         mean = posterior.mode() if hasattr(posterior, "mode") else posterior
         return m.get_first_stage_encoding(mean).float()  # a tensor in: scale_factor * mean
 
     def encode_text(self, captions: list[str], clip_skip: int) -> Conditioning:
         """The webui's own conditioning (chunking, emphasis, TI embeddings) with `clip_skip` applied.
 
-        `cond_stage_model` is `FrozenCLIPEmbedderWithCustomWords`; nothing on its forward path runs
-        under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the global
-        `opts.CLIP_stop_at_last_layers`, set for this call only.
+        SD1/SD2: `cond_stage_model` is the `*WithCustomWords` embedder; nothing on its forward path
+        runs under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the
+        global `opts.CLIP_stop_at_last_layers`, set for this call only (SD2 ignores it, as the webui).
+        SDXL: the conditioner's two text embedders are called directly (not through the conditioner,
+        which would wrap them in no_grad unless `is_trainable`, fact 7): CLIP-L's states and bigG's
+        states joined, and bigG's pooled vector; the trainer adds each sample's size embeddings.
         """
-        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and _has_hooks(self._text_encoder):
+        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and any(_has_hooks(t.module) for t in self.text_encoders):
             raise WebuiHostError(MEDVRAM_TEXT_ENCODER)  # the session could not know the config; the adapters tell
+        if self.arch == "sdxl":
+            clip_l, big_g = self.sd_model.conditioner.embedders[:2]
+            context_g, pooled = big_g(list(captions))
+            return Conditioning(torch.cat([clip_l(list(captions)), context_g], dim=-1), pooled)
         opts = _shared().opts
         saved = opts.data.get("CLIP_stop_at_last_layers", 1)
         opts.data["CLIP_stop_at_last_layers"] = clip_skip
@@ -238,6 +267,15 @@ class WebuiHost(Host):
         networks = _lora_extension()
         if networks is not None:
             networks.list_available_networks()
+
+
+def _text_models(sd_model, arch: str) -> list[TextModel]:
+    """The webui's text encoders in the trees the adapters walk (§2.2): HF CLIP, or open_clip's model."""
+    if arch == "sdxl":
+        clip_l, big_g = sd_model.conditioner.embedders[:2]
+        return text_models_for(arch, clip_l.wrapped.transformer, big_g.wrapped.model)
+    wrapped = sd_model.cond_stage_model.wrapped
+    return text_models_for(arch, wrapped.model if arch == "sd2" else wrapped.transformer)
 
 
 def _has_hooks(root: nn.Module) -> bool:
@@ -381,6 +419,8 @@ def open_webui_host(config=None, *, hold_lock: bool = True, id_task: str | None 
         stack.enter_context(_training_attention())
         stack.enter_context(_frozen(sd_model, host.unet))
         stack.enter_context(_medvram_unet(sd_model))
+        for model in host.text_encoders:
+            stack.callback(expose_all(model.module))  # OpenCLIP's MultiheadAttention: hookable q/k/v/out
         stack.callback(host._remove_checkpointing)
         _active = host
         stack.callback(_forget_active)

@@ -12,6 +12,7 @@ key that SDXL v-pred fine-tunes carry, or from `modelspec.prediction_type`.
 
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from .clip_text import TextConfig, TextEncoder
 from .open_clip_text import OpenClipConfig, OpenClipTextEncoder
-from .tensor_files import read_tensor_file
+from .tensor_files import LazyTensors, read_tensor_file
 from .unet import UNetConfig, UNetModel
 from .vae import SD_LATENT_SCALE, SDXL_LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -96,8 +97,35 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return read_tensor_file(path, CheckpointError, "checkpoint")
 
 
-def _component(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+def _open_tensors(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+    """Like read_state_dict, but a .safetensors file's tensors are read one at a time, when used."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        tensors = LazyTensors(path, CheckpointError)
+        return tensors, tensors.metadata
+    return read_state_dict(path)
+
+
+class Component(Mapping):
+    """The tensors of one model in a checkpoint (keys under `prefix`, with the prefix cut), read through `state`."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], prefix: str, keys):
+        self._state, self._prefix = state, prefix
+        self._keys = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._state[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
 
 
 def _count_indices(keys, pattern: str) -> int:
@@ -220,8 +248,11 @@ def _parameterization(state: dict[str, torch.Tensor], meta: dict[str, str]) -> s
     return "eps"
 
 
-def _build(path, module_cls, config, sd: dict[str, torch.Tensor], prefix: str, dtype, **kwargs):
-    """Construct on the meta device (no wasted init) and take the file's tensors, all keys accounted for."""
+def _build(path, module_cls, config, sd: Mapping[str, torch.Tensor], prefix: str, dtype, **kwargs):
+    """Construct on the meta device (no wasted init) and take the file's tensors, all keys accounted for.
+
+    Each tensor is read and converted to `dtype` on its own, so only one file-dtype copy exists at a time.
+    """
     with torch.device("meta"):
         model = module_cls(config, **kwargs)
     expected = set(model.state_dict())
@@ -231,11 +262,13 @@ def _build(path, module_cls, config, sd: dict[str, torch.Tensor], prefix: str, d
         lines += [f"  missing: {prefix}{k}" for k in missing[:20]] + (["  ..."] if len(missing) > 20 else [])
         lines += [f"  unknown: {prefix}{k}" for k in unknown[:20]] + (["  ..."] if len(unknown) > 20 else [])
         raise CheckpointError("\n".join(lines))
-    wrong = [k for k, p in model.state_dict().items() if p.shape != sd[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"{path}: {prefix}{k} has shape {tuple(sd[k].shape)}, expected {tuple(model.state_dict()[k].shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    tensors = {}
+    for k, p in model.state_dict().items():
+        tensor = sd[k]
+        if tensor.shape != p.shape:
+            raise CheckpointError(f"{path}: {prefix}{k} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
+        tensors[k] = tensor.to(dtype)
+    model.load_state_dict(tensors, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -244,7 +277,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     `parameterization` ("eps" or "v") overrides what the file says, as kohya's `--v_parameterization`.
     """
-    state, meta = read_state_dict(path)
+    state, meta = _open_tensors(path)
     try:
         arch = detect_architecture(state)
     except CheckpointError as e:
@@ -255,9 +288,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if leftovers:
         raise CheckpointError(f"{path}: unknown keys outside the UNet, VAE and text encoders of an {NAMES[arch]} "
                               f"checkpoint: {', '.join(leftovers[:20])}")
-    kept = {k: v for k, v in state.items() if not IGNORED_KEY.match(k)}
-    unet_sd, vae_sd = _component(kept, UNET_PREFIX), _component(kept, VAE_PREFIX)
-    text_sds = [(_component(kept, prefix), prefix, cls, infer, heads_key) for prefix, cls, infer, heads_key in TEXT_ENCODERS[arch]]
+    kept = [k for k in state if not IGNORED_KEY.match(k)]
+    unet_sd, vae_sd = Component(state, UNET_PREFIX, kept), Component(state, VAE_PREFIX, kept)
+    text_sds = [(Component(state, prefix, kept), prefix, cls, infer, heads_key) for prefix, cls, infer, heads_key in TEXT_ENCODERS[arch]]
     try:
         unet_config, vae_config = infer_unet_config(unet_sd, meta), infer_vae_config(vae_sd)
         text_configs = [infer(sd, meta, heads_key) for sd, _, _, infer, heads_key in text_sds]

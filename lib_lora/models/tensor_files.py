@@ -1,5 +1,6 @@
 """Reading a flat dict of tensors from .safetensors or a weights-only torch file, with named errors."""
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -29,3 +30,38 @@ def read_tensor_file(path: Path, error: type[ValueError], what: str) -> tuple[di
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise error(f"{path}: holds no flat dict of tensors")
     return data, {}
+
+
+class LazyTensors(Mapping):
+    """A .safetensors file's tensors, each read from disk when asked for and not kept.
+
+    Loading a checkpoint through it converts one tensor at a time to the compute dtype, so an fp16
+    SDXL file becomes fp32 weights without ever holding the whole fp16 copy beside them.
+    """
+
+    def __init__(self, path: Path, error: type[ValueError]):
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = list(self._file.keys())
+            self._key_set = set(self._keys)
+            self.metadata = dict(self._file.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise error(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
+        self._path, self._error = path, error
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise self._error(f"{self._path}: tensor {key!r} cannot be read (truncated or corrupted?): {e}") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._key_set

@@ -24,8 +24,8 @@ def _forget() -> None:
             del sys.modules[name]
 
 
-def install(tmp_path: Path, monkeypatch, *, sd_model=True, lora_extension=True) -> SimpleNamespace:
-    """Put a fresh stand-in webui on sys.path (state reset), with a tiny model loaded and folders under tmp_path."""
+def install(tmp_path: Path, monkeypatch, *, sd_model=True, lora_extension=True, arch: str = "sd1") -> SimpleNamespace:
+    """Put a fresh stand-in webui on sys.path (state reset), with a tiny model of `arch` loaded and folders under tmp_path."""
     _forget()
     monkeypatch.syspath_prepend(str(ROOT))
     modules = importlib.import_module("modules")
@@ -36,9 +36,9 @@ def install(tmp_path: Path, monkeypatch, *, sd_model=True, lora_extension=True) 
     paths.data_path, paths.models_path = str(tmp_path), str(tmp_path / "models")
     shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
     if sd_model:
-        from fake_webui.fake_model import LatentDiffusion
+        from fake_webui.fake_model import DiffusionEngine, LatentDiffusion
 
-        shared.sd_model = LatentDiffusion()
+        shared.sd_model = DiffusionEngine() if arch == "sdxl" else LatentDiffusion(arch=arch)
     networks = None
     if lora_extension:
         networks = importlib.import_module("fake_webui.lora_networks")

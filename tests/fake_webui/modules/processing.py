@@ -37,7 +37,13 @@ def process_images(p):
         hooked = any(module._forward_hooks for module in unet.modules())
         records.append({"prompt": p.prompt, "clip_skip": shared.opts.data["CLIP_stop_at_last_layers"], "hooks_live": hooked, "sampler": p.sampler_name})
         calls.append("process_images")
-        ckpt = Checkpoint(unet=unet, vae=m.first_stage_model, text_encoder=m.cond_stage_model.wrapped)
+        if getattr(m, "is_sdxl", False):
+            embedders = m.conditioner.embedders
+            ckpt = Checkpoint(unet=unet, vae=m.first_stage_model, text_encoder=embedders[0].wrapped,
+                              text_encoder_2=embedders[1].wrapped, arch="sdxl", parameterization=m.parameterization)
+        else:
+            ckpt = Checkpoint(unet=unet, vae=m.first_stage_model, text_encoder=m.cond_stage_model.wrapped,
+                              arch="sd2" if m.is_sd2 else "sd1", parameterization=m.parameterization)
         params = GenerationParams(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, cfg_scale=p.cfg_scale, seed=p.seed,
                                   width=p.width, height=p.height, batch_size=p.batch_size,
                                   sampler=p.sampler_name.lower().replace(" ", "_"),  # "Euler a" -> euler_a
