@@ -3,6 +3,7 @@
 import pytest
 
 from lib_lora.demo.dataset import make_lora_dataset
+from lib_lora.train.base_model import BaseModel
 from lib_lora.train.config import TrainConfig
 from lib_lora.ui import planning
 from lib_lora.ui.fields import config_widget_values
@@ -53,6 +54,36 @@ def test_option_warnings(dataset, changes, expected):
 
 def test_sensible_options_give_no_warning(dataset):
     assert planning.summarize(widgets(train_data_dir=str(dataset), train_batch_size=4)).warnings == []
+
+
+@pytest.mark.parametrize("model, changes, expected", [
+    (BaseModel("sdxl"), dict(resolution=(512, 512)), "the base model (SDXL) was trained at 1024 px; 512x512 is far below it"),
+    (BaseModel("sd1"), dict(resolution=(1024, 1024)), "the base model (SD1) was trained at 512 px; 1024x1024 is far above it: 4.0x the memory"),
+    (BaseModel("sd2", "v"), dict(resolution=(512, 512)), "the base model (SD2 768-v) was trained at 768 px"),
+    (BaseModel("sd1", size=64), dict(resolution=(512, 512)), "the base model (SD1) was trained at 64 px"),  # the embedded model
+    (BaseModel("sdxl"), dict(resolution=(1024, 1024), clip_skip=2), "clip_skip 2 is ignored on SDXL"),
+    (BaseModel("sd2", "v"), dict(resolution=(768, 768), clip_skip=2), "clip_skip 2 is ignored on SD2"),
+    (BaseModel("sdxl"), dict(resolution=(1024, 1024), zero_terminal_snr=True), "zero_terminal_snr on an eps-prediction model"),
+    (None, dict(zero_terminal_snr=True), "zero_terminal_snr on an eps-prediction model"),  # kohya's check, on the options alone
+])
+def test_advice_on_the_base_model(dataset, model, changes, expected):
+    for folder in (str(dataset), ""):  # with and without a dataset chosen
+        summary = planning.summarize(widgets(train_data_dir=folder, train_batch_size=4, **changes), model=model)
+        assert any(expected in w for w in summary.warnings), (folder, summary.warnings)
+
+
+@pytest.mark.parametrize("model, changes", [
+    (BaseModel("sd1"), dict(resolution=(768, 768), clip_skip=2)),  # SD1 at 768 px is still usual; clip skip is SD1's
+    (BaseModel("sd2", "eps"), dict(resolution=(512, 512))),  # SD2 512-base
+    (BaseModel("sd2", "v"), dict(resolution=(768, 768), zero_terminal_snr=True)),
+    (BaseModel("sdxl"), dict(resolution=(832, 1216))),  # one of SDXL's own aspect buckets
+    (BaseModel("sdxl", "v"), dict(resolution=(1024, 1024), zero_terminal_snr=True)),  # v-pred SDXL fine-tunes trained so
+    (BaseModel("sdxl"), dict(resolution=(1024, 1024), zero_terminal_snr=True, v_parameterization=True)),  # the file did not say v
+    (BaseModel("sd1", size=64), dict(resolution=(64, 64))),  # the embedded model at its own size
+    (None, dict(resolution=(64, 64), clip_skip=2)),  # the model not known yet: no guess
+])
+def test_options_that_fit_the_base_model_give_no_advice(dataset, model, changes):
+    assert planning.summarize(widgets(train_data_dir=str(dataset), train_batch_size=4, **changes), model=model).warnings == []
 
 
 def test_a_tiny_dataset_is_warned_about(tmp_path):

@@ -33,6 +33,7 @@ class Host(ABC):
     dtype: torch.dtype  # dtype of the frozen weights
     model_name: str  # base checkpoint name, for the file's ss_sd_model_name
     checkpoint_path: Path | None = None  # the base checkpoint's file, hashed into ss_sd_model_hash / ss_new_sd_model_hash
+    native_size: int | None = None  # side (px) the model was trained at, where not its architecture's (the embedded model: 64)
     lora_dir: Path  # where finished LoRAs go so the host's Lora support finds them
     runs_dir: Path  # where run folders (state, samples, logs) go; never inside lora_dir
 

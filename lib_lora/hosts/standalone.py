@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from ..demo.tiny import DEFAULT_CHECKPOINT
+from ..demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.pipeline import GenerationParams, encode_prompts, schedule_for
 from ..networks.apply import generate_with_loras
@@ -38,6 +38,7 @@ class StandaloneHost(Host):
             ckpt.vae.float()  # SDXL's VAE overflows in fp16 (NaN latents); it runs in fp32 as the webui's --no-half-vae
         host = cls(ckpt, model_name=path.stem, lora_dir=Path(out_dir) / "lora", runs_dir=Path(out_dir) / "runs")
         host.checkpoint_path = path
+        host.native_size = IMAGE_SIZE if path.resolve() == DEFAULT_CHECKPOINT.resolve() else None
         return host
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..data.captions import build_caption
 from ..data.folders import DatasetScan, ImageItem, check_batch_size, scan_dataset
 from ..data.images import FitPlan, apply_fit, image_to_tensor, load_image, plan_fit, should_flip
 from ..data.split import split_validation
+from .base_model import BaseModel, model_warnings
 from .config import TrainConfig
 
 
@@ -142,8 +143,9 @@ class BatchEncoder:
         return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask, torch.tensor(sizes, dtype=torch.float32))
 
 
-def plan_warnings(config: TrainConfig, data: TrainingData) -> list[str]:
-    """What the user should know before the run starts: skipped files, default captions, cache limits."""
+def plan_warnings(config: TrainConfig, data: TrainingData, model: BaseModel | None = None) -> list[str]:
+    """What the user should know before the run starts: skipped files, default captions, cache limits, and
+    (given the base model) options that do not fit it."""
     notes = [*data.train.warnings, *(data.reg.warnings if data.reg else [])]
     notes += [f"skipped unreadable file: {p}" for p in data.train.problems]
     if config.cache_latents and config.random_crop:
@@ -154,4 +156,4 @@ def plan_warnings(config: TrainConfig, data: TrainingData) -> list[str]:
         notes.append(f"Prodigy adapts the step size itself and expects learning_rate ~1.0; {config.learning_rate} will barely train")
     if config.network_alpha > config.network_dim:
         notes.append(f"network_alpha {config.network_alpha} > network_dim {config.network_dim}: scale > 1 amplifies the update")
-    return notes
+    return notes + model_warnings(config, model)

@@ -4,7 +4,9 @@ A preset holds only the options that differ from `TrainConfig`'s defaults, never
 dataset-specific ones (`PRESET_EXCLUDED`). Its file is a plain run-config TOML (so
 `python -m lib_lora train --config preset.toml --train_data_dir ...` works) with two comment
 lines naming it and saying why it is set so. Built-in presets follow values common in the kohya
-community for SD1.5 at 512 px; user presets live as `<slug>.toml` in a folder of their own.
+community, each for one architecture at its native size (SD1.5 512 px, SD2 768-v 768, SDXL 1024):
+`list_presets` offers those of the loaded model's. User presets live as `<slug>.toml` in a folder of
+their own and are offered on every architecture.
 """
 
 import os
@@ -58,6 +60,15 @@ DEMO = dict(
 # Shared by the SD1.5 presets: 512 px with buckets, fp16 autocast, a file per epoch to compare.
 _SD15 = dict(resolution=(512, 512), enable_bucket=True, min_bucket_reso=256, max_bucket_reso=1024, mixed_precision="fp16",
              train_batch_size=2, max_train_epochs=10, optimizer_type="AdamW", save_every_n_epochs=1, min_snr_gamma=5.0)
+# SD2 768-v's size: its presets are SD1.5's recipes at 768 px (`_on_sd2_768v`).
+_SD2_768V = dict(resolution=(768, 768), min_bucket_reso=384, max_bucket_reso=1536)
+# Shared by the SDXL presets (kohya's SDXL docs and common recipes): 1024 px with the SDXL paper's own bucket
+# range (512x2048 to 2048x512); bf16 autocast (RTX 30xx and newer; choose fp16 on older cards); gradient
+# checkpointing (the UNet side at rank 32, batch 2: ~8.4 GiB against ~20 GiB without; bench/memory_estimate.py);
+# the noise offset SDXL itself was trained with (0.0357); min-SNR 5; the UNet at 1e-4 with a cosine decay.
+_SDXL = dict(resolution=(1024, 1024), enable_bucket=True, min_bucket_reso=512, max_bucket_reso=2048, mixed_precision="bf16",
+             gradient_checkpointing=True, train_batch_size=2, max_train_epochs=10, optimizer_type="AdamW", save_every_n_epochs=1,
+             min_snr_gamma=5.0, noise_offset=0.0357, learning_rate=1e-4, unet_lr=1e-4, lr_scheduler="cosine")
 
 
 @dataclass(frozen=True)
@@ -66,23 +77,46 @@ class Preset:
     values: dict[str, Any]  # TrainConfig field -> value (only those that differ from the defaults)
     why: str = ""
     builtin: bool = False
+    arch: str = ""  # the architecture it is for ("sd1", "sd2", "sdxl"); "" any (user presets)
 
 
-BUILTIN_PRESETS = {p.name: p for p in (
+def _on_sd2_768v(preset: Preset) -> Preset:
+    """An SD1.5 recipe on SD2 768-v: the same network and rates at SD2's 768 px."""
+    return Preset(f"SD2 768-v {preset.name}", {**preset.values, **_SD2_768V}, f"{preset.why}; at SD2 768-v's 768 px", True, "sd2")
+
+
+_SD15_PRESETS = (
     Preset("anime character", {**_SD15, "network_dim": 16, "network_alpha": 8.0, "learning_rate": 5e-4, "unet_lr": 5e-4, "text_encoder_lr": 1e-4,
                                "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "clip_skip": 2, "shuffle_caption": True, "keep_tokens": 1},
-           "16/8 holds one character from ~20-40 booru-tagged images (10 repeats x 10 epochs); clip skip 2 as NAI-family anime models; tags shuffled, trigger kept first", True),
+           "16/8 holds one character from ~20-40 booru-tagged images (10 repeats x 10 epochs); clip skip 2 as NAI-family anime models; tags shuffled, trigger kept first", True, "sd1"),
     Preset("realistic character", {**_SD15, "network_dim": 32, "network_alpha": 16.0, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5,
                                    "lr_scheduler": "cosine", "lr_warmup_steps": 0.05, "noise_offset": 0.0357},
-           "a real face needs more rank (32/16) and a gentler lr (1e-4, TE 5e-5) than a drawing; no flips (faces are asymmetric); small noise offset for a fuller light range", True),
+           "a real face needs more rank (32/16) and a gentler lr (1e-4, TE 5e-5) than a drawing; no flips (faces are asymmetric); small noise offset for a fuller light range", True, "sd1"),
     Preset("style", {**_SD15, "network_type": "locon", "network_dim": 32, "network_alpha": 16.0, "conv_dim": 16, "conv_alpha": 8.0, "learning_rate": 1e-4,
                      "unet_lr": 1e-4, "text_encoder_lr": 2.5e-5, "lr_scheduler": "cosine", "flip_aug": True, "shuffle_caption": True, "keep_tokens": 1,
                      "caption_tag_dropout_rate": 0.1, "noise_offset": 0.05},
-           "LoCon's 3x3 convs carry texture and brushwork; a low TE lr and tag dropout spread the style over the whole prompt instead of single tags; flips double the data", True),
+           "LoCon's 3x3 convs carry texture and brushwork; a low TE lr and tag dropout spread the style over the whole prompt instead of single tags; flips double the data", True, "sd1"),
     Preset("concept", {**_SD15, "network_dim": 16, "network_alpha": 8.0, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5,
                        "lr_scheduler": "cosine", "flip_aug": True, "shuffle_caption": True, "keep_tokens": 1},
-           "an object, outfit or pose is less to learn than a face: 16/8 at 1e-4 learns it without baking in the dataset's backgrounds; flips for variety", True),
-    Preset("demo (embedded tiny model)", dict(DEMO), "the embedded 64 px model on CPU: tuned with bench/quality.py (see the README)", True),
+           "an object, outfit or pose is less to learn than a face: 16/8 at 1e-4 learns it without baking in the dataset's backgrounds; flips for variety", True, "sd1"),
+)
+_SDXL_PRESETS = (
+    Preset("SDXL character", {**_SDXL, "network_dim": 32, "network_alpha": 16.0, "text_encoder_lr": 1e-5},
+           "32/16 holds a face; both text encoders learn at a tenth of the UNet's lr (1e-5): enough to bind the trigger word, low enough "
+           "to avoid the erratic results kohya warns of when SDXL's two encoders train; no flips (faces are asymmetric)", True, "sdxl"),
+    Preset("SDXL style", {**_SDXL, "network_type": "locon", "network_dim": 32, "network_alpha": 16.0, "conv_dim": 16, "conv_alpha": 8.0,
+                          "network_train_unet_only": True, "flip_aug": True},
+           "UNet only, as kohya advises for SDXL: a style lives in the UNet, LoCon's 3x3 convs carry its texture and brushwork; flips double the data",
+           True, "sdxl"),
+    Preset("SDXL concept", {**_SDXL, "network_dim": 16, "network_alpha": 8.0, "network_train_unet_only": True, "flip_aug": True},
+           "an object, outfit or pose: a UNet-only 16/8 LoRA learns it at 1e-4 without baking in the dataset's backgrounds; flips for variety",
+           True, "sdxl"),
+)
+BUILTIN_PRESETS = {p.name: p for p in (
+    *_SD15_PRESETS,
+    Preset("demo (embedded tiny model)", dict(DEMO), "the embedded 64 px model on CPU: tuned with bench/quality.py (see the README)", True, "sd1"),
+    *(_on_sd2_768v(p) for p in _SD15_PRESETS if p.values.get("clip_skip", 1) == 1),  # SD2 ignores clip skip: no anime recipe
+    *_SDXL_PRESETS,
 )}
 
 
@@ -140,7 +174,7 @@ def preset_slug(name: str) -> str:
 
 def save_preset(folder: Path, preset: Preset, *, overwrite: bool = False) -> Path:
     """Write `<folder>/<slug>.toml` atomically; refuses built-in names and, unless told, existing files."""
-    if preset.name.strip().lower() in BUILTIN_PRESETS:
+    if preset.name.strip().lower() in {name.lower() for name in BUILTIN_PRESETS}:
         raise ConfigError(f"preset name {preset.name!r} is a built-in preset; choose another name")
     folder = Path(folder)
     path = folder / f"{preset_slug(preset.name)}.toml"
@@ -163,9 +197,11 @@ def load_preset(path: Path) -> Preset:
     return preset_from_toml(text, str(path))
 
 
-def list_presets(folder: Path | None) -> tuple[dict[str, Preset], list[str]]:
-    """Built-in presets, then the user's (`*.toml` in `folder`), and the errors of files that do not load."""
-    presets, problems = dict(BUILTIN_PRESETS), []
+def list_presets(folder: Path | None, arch: str | None = None) -> tuple[dict[str, Preset], list[str]]:
+    """Built-in presets for `arch` (all when None: the model is not known), then the user's (`*.toml` in
+    `folder`), and the errors of files that do not load."""
+    presets = {name: p for name, p in BUILTIN_PRESETS.items() if arch is None or p.arch in ("", arch)}
+    problems = []
     if folder is None or not Path(folder).is_dir():
         return presets, problems
     for path in sorted(Path(folder).glob("*.toml")):

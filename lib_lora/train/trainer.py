@@ -19,6 +19,7 @@ import torch
 from ..models.conditioning import Conditioning, sdxl_vector
 from ..models.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..networks.network import make_network
+from .base_model import BaseModel
 from .config import TrainConfig
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
@@ -72,7 +73,7 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         check_output_free(config, host)
     run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
-    for note in plan_warnings(config, data):
+    for note in plan_warnings(config, data, BaseModel.of(host)):
         emit(TrainEvent("warning", message=note))
     outer_rng = torch.get_rng_state()  # the host's own random stream is given back untouched
     torch.manual_seed(config.seed)  # the LoRA down-projections' random init, and later dropout

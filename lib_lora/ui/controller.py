@@ -2,7 +2,8 @@
 
 One `TabController` per tab: it owns the running job, the plan cache and the model lock, so two
 tabs (or two apps in one process) never share state. The host is obtained from the factory only
-when work needs the model (Train, Resume, compare, caption), since the webui's model can change.
+when work needs the model (Train, Resume, compare, caption, and the preset list tailored to its
+architecture when it is opened), since the webui's model can change.
 """
 
 import threading
@@ -16,8 +17,10 @@ from ..data.errors import DatasetError
 from ..data.folders import is_image_file
 from ..data.images import load_image
 from ..hosts.base import Host
+from ..hosts.webui import WebuiHostError
 from ..models.pipeline import GenerationParams
 from ..train import presets
+from ..train.base_model import BaseModel
 from ..train.config import ConfigError, TrainConfig
 from ..train.run_folder import STATE_FILE, RunFolder
 from ..train.trainer import train
@@ -53,7 +56,9 @@ def latest_run(runs_dir: Path) -> Path:
 
 class TabController:
     def __init__(self, host: Host | Callable[[], Host], settings: TabSettings | None = None):
+        self.host = host if isinstance(host, Host) else None  # given, not made: its model is known from the start
         self.host_factory = (lambda: host) if isinstance(host, Host) else host
+        self._asked: BaseModel | None = None  # a factory's model when last asked (`base_model(ask=True)`)
         self.settings = settings or TabSettings()
         self.plans = PlanCache()
         self.model_lock = threading.Lock()  # training, grids and (standalone) txt2img take turns
@@ -65,15 +70,31 @@ class TabController:
     def initial_values(self) -> dict:
         return fields.config_widget_values(TrainConfig.from_dict(dict(self.settings.defaults)))
 
-    def summary(self, values: dict):
-        return summarize(values, self.plans)
+    def base_model(self, *, ask: bool = False) -> BaseModel | None:
+        """What the presets and the advice are tailored to: the given host's model. With a factory (the
+        webui, whose model can change) the one it gave when last asked: `ask` calls it (opening the preset
+        list), never the tab's build or the live summary. None while it has no model it can train (still
+        loading, or refused)."""
+        if self.host is not None:
+            return BaseModel.of(self.host)
+        if ask:
+            try:
+                self._asked = BaseModel.of(self.host_factory())
+            except WebuiHostError:
+                self._asked = None
+        return self._asked
 
-    def preset_names(self) -> list[str]:
-        return list(presets.list_presets(self.settings.presets_dir)[0])
+    def summary(self, values: dict):
+        return summarize(values, self.plans, self.base_model())
+
+    def preset_names(self, *, ask: bool = False) -> list[str]:
+        """The presets for the model's architecture (all built-in ones while it is not known) and the user's."""
+        model = self.base_model(ask=ask)
+        return list(presets.list_presets(self.settings.presets_dir, model.arch if model else None)[0])
 
     def apply_preset(self, name: str, values: dict) -> tuple[dict, str]:
         """New widget values (dataset options kept) and a one-line note."""
-        found, problems = presets.list_presets(self.settings.presets_dir)
+        found, problems = presets.list_presets(self.settings.presets_dir)  # all: the list shown may be an older model's
         if name not in found:
             raise ConfigError(f"no preset named {name!r}" + (f" ({'; '.join(problems)})" if problems else ""))
         preset = found[name]

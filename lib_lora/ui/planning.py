@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..data.errors import DatasetError
 from ..data.folders import DatasetScan
+from ..train.base_model import BaseModel
 from ..train.config import ConfigError, TrainConfig
 from ..train.dataset import TrainingData, plan_training, plan_warnings
 from .fields import config_from_widgets
@@ -89,8 +90,8 @@ def _folder_signature(folder: str) -> tuple:
     return (folder, root.stat().st_mtime_ns, *((p.name, p.stat().st_mtime_ns) for p in sorted(root.iterdir()) if p.is_dir()))
 
 
-def summarize(values: dict, cache: PlanCache | None = None) -> PlanSummary:
-    """Step math, repeats and warnings for widget values (field name -> value)."""
+def summarize(values: dict, cache: PlanCache | None = None, model: BaseModel | None = None) -> PlanSummary:
+    """Step math, repeats and warnings for widget values (field name -> value), on `model` when known."""
     summary = PlanSummary()
     try:
         config = config_from_widgets(values)
@@ -99,18 +100,18 @@ def summarize(values: dict, cache: PlanCache | None = None) -> PlanSummary:
         return summary
     summary.warnings = config_warnings(config)
     if not config.train_data_dir:
-        summary.warnings = plan_warnings(config, _no_data()) + summary.warnings
+        summary.warnings = plan_warnings(config, _no_data(), model) + summary.warnings
         summary.error = "choose a dataset folder (kohya layout: N_name subfolders, N = repeats)"
         return summary
     try:
         data = (cache or PlanCache()).plan(config)
     except (DatasetError, ConfigError) as e:
-        summary.warnings = plan_warnings(config, _no_data()) + summary.warnings
+        summary.warnings = plan_warnings(config, _no_data(), model) + summary.warnings
         summary.error = str(e)
         return summary
     summary.steps_text, summary.total_steps = data.steps.describe(), data.steps.total_steps
     summary.repeats = repeats_lines(data.train) + (repeats_lines(data.reg, "reg ") if data.reg else [])
-    summary.warnings = plan_warnings(config, data) + summary.warnings + dataset_warnings(config, data)
+    summary.warnings = plan_warnings(config, data, model) + summary.warnings + dataset_warnings(config, data)
     return summary
 
 

@@ -18,7 +18,8 @@ SUMMARY_FIELDS = ("train_data_dir", "reg_data_dir", "trigger_words", "caption_ex
                   "max_bucket_reso", "bucket_no_upscale", "train_batch_size", "max_train_epochs", "gradient_accumulation_steps",
                   "max_train_steps", "validation_split", "network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha",
                   "optimizer_type", "learning_rate", "unet_lr", "text_encoder_lr", "cache_latents", "random_crop", "shuffle_caption",
-                  "caption_dropout_rate", "caption_tag_dropout_rate", "network_train_unet_only", "network_train_text_encoder_only")
+                  "caption_dropout_rate", "caption_tag_dropout_rate", "network_train_unet_only", "network_train_text_encoder_only",
+                  "clip_skip", "v_parameterization", "zero_terminal_snr")
 
 
 def wire(tab: TrainTab) -> None:
@@ -59,6 +60,8 @@ def wire_options(tab: TrainTab) -> None:
 
     tab.preset_save.click(reporting(save_preset, lambda m: (note(m, "error"), gr.update())), [tab.preset_name, tab.preset_replace, *tab.inputs],
                           [tab.preset_note, tab.preset])
+    if tab.c.host is None:  # the webui: its model can change, so the list follows the one loaded when it is opened
+        tab.preset.focus(lambda: gr.update(choices=tab.c.preset_names(ask=True)), None, [tab.preset], queue=False, show_progress="hidden")
 
 
 def wire_prepare(tab: TrainTab) -> None:
