@@ -192,3 +192,76 @@ def test_sdxl_text_encoders_take_their_own_learning_rates(dataset, tmp_path):
     assert seen["unet"][0] == 1e-4 and seen["text_encoder"][0] == 2e-5 and seen["text_encoder_2"][0] == 3e-5
     per_layer = 6 * 2  # q, k, v, out, fc1, fc2; down and up each
     assert seen["text_encoder"][1] == TINY_TEXT.layers * per_layer and seen["text_encoder_2"][1] == TINY_SDXL_TEXT_2.layers * per_layer
+
+
+def test_resuming_a_run_on_another_architecture_is_refused(dataset, tmp_path):
+    from lib_lora.train.config import ConfigError
+
+    paths = {}
+    for arch in ("sd1", "sdxl"):
+        paths[arch] = tmp_path / f"{arch}.safetensors"
+        save_checkpoint(random_tiny_checkpoint(4, arch), paths[arch])
+    config = TrainConfig(train_data_dir=str(dataset), resolution=(64, 64), train_batch_size=8, max_train_steps=1, max_train_epochs=2,
+                         network_dim=2, output_name="r")
+    host = StandaloneHost.from_file(paths["sd1"], out_dir=tmp_path, device="cpu")
+    result = train(config.replace(max_train_steps=0), host)
+    other = StandaloneHost.from_file(paths["sdxl"], out_dir=tmp_path, device="cpu")
+    with pytest.raises(ConfigError, match=r"was trained on an SD1 model and the loaded model is SDXL"):
+        train(config, other, run_dir=result.run_dir, resume=True)
+
+
+def test_sdxl_block_weights_take_lora_block_weights_sdxl_layouts(tmp_path):
+    """12 values (BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05): BASE alone is the text encoders alone."""
+    from lib_lora.networks.prompt import BLOCK_IDS_26, parse_block_weights
+
+    weights = dict(zip(BLOCK_IDS_26, parse_block_weights("1,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.1,1.2")))
+    assert (weights["BASE"], weights["IN04"], weights["IN08"], weights["M00"], weights["OUT00"], weights["OUT05"]) == (1, 0.1, 0.4, 0.5, 0.6, 1.2)
+    assert weights["IN01"] == weights["OUT06"] == 0
+    twenty = dict(zip(BLOCK_IDS_26, parse_block_weights(",".join(str(i) for i in range(20)))))
+    assert twenty["IN08"] == 9 and twenty["M00"] == 10 and twenty["OUT08"] == 19
+
+    ckpt = random_tiny_checkpoint(6, "sdxl")
+    network = make_network(ckpt.unet, text_models_for("sdxl", ckpt.text_encoder, ckpt.text_encoder_2), network_dim=2, network_alpha=2)
+    for module in network.adapters():
+        torch.nn.init.normal_(module.lora_up.weight, std=0.3)
+    save_lora(tmp_path / "xl.safetensors", network.state_dict(), {}, save_dtype=torch.float32)
+    params = GenerationParams("a red circle", width=64, height=64, steps=3, seed=2)
+
+    def image(tags):
+        return generate_with_loras(ckpt, GenerationParams(**{**params.__dict__, "prompt": "a red circle " + tags}), [tmp_path])[0].tobytes()
+
+    assert image("<lora:xl:1:lbw=1,0,0,0,0,0,0,0,0,0,0,0>") == image("<lora:xl:1:0>") != image("<lora:xl:1>")
+
+
+def test_a_diffusers_peft_sdxl_file_applies_like_the_same_kohya_file(tmp_path):
+    """diffusers writes `unet.<diffusers path>.lora_A.weight`, `text_encoder_2.<HF path>.lora_B.weight` and
+    keeps alpha in its adapter metadata; it must patch the same layers with the same deltas."""
+    ckpt = random_tiny_checkpoint(7, "sdxl")
+    models = text_models_for("sdxl", ckpt.text_encoder, ckpt.text_encoder_2)
+    table = name_table(ckpt.unet, models)
+    network = make_network(ckpt.unet, models, network_dim=2, network_alpha=1)
+    for module in network.adapters():
+        torch.nn.init.normal_(module.lora_up.weight, std=0.3)
+    kohya = {k: v.detach() for k, v in network.state_dict().items()}
+    save_lora(tmp_path / "kohya.safetensors", kohya, {}, save_dtype=torch.float32)
+    peft = {}
+    for module in network.adapters():
+        target = table[module.lora_name]
+        if target.component == "unet":
+            from lib_lora.networks.naming import ldm_to_diffusers
+
+            key = "unet." + ldm_to_diffusers(target.path, 2)
+        else:
+            from lib_lora.networks.naming import text_model_path
+
+            key = ("text_encoder_2." if module.lora_name.startswith("lora_te2_") else "text_encoder.") + text_model_path(target.path)
+        peft[key + ".lora_A.weight"] = module.lora_down.weight.detach()
+        peft[key + ".lora_B.weight"] = module.lora_up.weight.detach()
+    from safetensors.torch import save_file
+
+    save_file(peft, str(tmp_path / "peft.safetensors"), metadata={"lora_adapter_metadata": json.dumps({"lora_alpha": 1, "r": 2})})
+    assert len(load_lora(tmp_path / "peft.safetensors").modules) == len(network.module_names())
+    params = GenerationParams("a red circle", width=64, height=64, steps=3, seed=2)
+    images = [generate_with_loras(ckpt, GenerationParams(**{**params.__dict__, "prompt": f"a red circle <lora:{n}:1>"}), [tmp_path])[0]
+              for n in ("kohya", "peft")]
+    assert images[0].tobytes() == images[1].tobytes()

@@ -3,7 +3,9 @@
 A saved file holds exactly the network's state dict (`<name>.lora_down.weight`, `.lora_up.weight`,
 0-d `.alpha`) cast to the save precision, plus string metadata with `sshs_*` hashes computed as
 kohya does. A loaded file is a `LoraFile`: one validated adapter module per name, so it knows each
-module's delta weight; every key is accounted for before anything can be applied.
+module's delta weight; every key is accounted for before anything can be applied. Files that
+diffusers/PEFT write (`unet.<path>.lora_A.weight`, `text_encoder_2.<path>.lora_B.weight`, no alpha
+tensors) are read by renaming their keys to kohya's (lora-format.md §9.3).
 """
 
 import json
@@ -106,12 +108,47 @@ def group_by_module(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
     return groups
 
 
+PEFT_COMPONENTS = {"unet": UNET_PREFIX, "text_encoder": SDXL_TEXT_PREFIXES[0], "text_encoder_2": SDXL_TEXT_PREFIXES[1]}
+PEFT_FACTORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def _peft_alpha(metadata: dict[str, str], component: str) -> float | None:
+    """lora_alpha from diffusers' `lora_adapter_metadata` (one config, or one per component); None: scale 1."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        return None
+    config = config.get(component, config) if isinstance(config, dict) else {}
+    alpha = config.get("lora_alpha") if isinstance(config, dict) else None
+    return float(alpha) if isinstance(alpha, (int, float)) else None
+
+
+def from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT keys -> kohya keys: `unet.` -> lora_unet_, `text_encoder.` -> lora_te1_ (which SD1/SD2
+    models answer to as well), `text_encoder_2.` -> lora_te2_; lora_A/lora_B -> lora_down/lora_up, and an
+    alpha tensor where the adapter metadata gives lora_alpha. Keys of any other form are kept as they are."""
+    converted = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        path, factor = next(((rest[: -len(f) - 1], f) for f in PEFT_FACTORS if rest.endswith("." + f)), (None, None))
+        if component not in PEFT_COMPONENTS or path is None:
+            converted[key] = tensor
+            continue
+        name = f"{PEFT_COMPONENTS[component]}_{path.replace('.', '_')}"
+        converted[f"{name}.{PEFT_FACTORS[factor]}"] = tensor
+        alpha = _peft_alpha(metadata, component)
+        if alpha is not None:
+            converted[f"{name}.alpha"] = torch.tensor(alpha)
+    return converted
+
+
 def lora_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                          path: Path | None = None) -> LoraFile:
     """Validate and build every module; the first problem raises LoraFormatError naming its key."""
     source = str(path) if path else "state dict"
     if not tensors:
         raise LoraFormatError(f"{source}: holds no tensors")
+    tensors = from_peft(tensors, metadata or {})
     try:
         modules = {name: module_from_tensors(name, group) for name, group in group_by_module(tensors, source).items()}
     except LoraFormatError as e:

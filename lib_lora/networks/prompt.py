@@ -8,9 +8,11 @@ prompt with nothing put in their place, as the webui does.
 
 Block weights (hako-mikan/sd-webui-lora-block-weight): `lbw=` with 17 values (BASE, IN01, IN02,
 IN04, IN05, IN07, IN08, M00, OUT03..OUT11: the SD1 blocks that hold attention), 26 values (BASE,
-IN00..IN11, M00, OUT00..OUT11) or a preset name. 17 values expand to 26 with 0 for the blocks they
-do not list. BASE scales the text encoder; a UNet layer outside every block (time embedding, final
-conv) keeps weight 1.
+IN00..IN11, M00, OUT00..OUT11) or a preset name; for SDXL, LoRA-Block-Weight's own layouts: 12
+values (BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05: SDXL's blocks with attention) or 20 (BASE,
+IN00..IN08, M00, OUT00..OUT08). Every form expands to the 26 slots with 0 for the blocks it does not
+list (SDXL's blocks are IN00..IN08, M00, OUT00..OUT08 by the same ldm numbering). BASE scales the
+text encoder(s); a UNet layer outside every block (time embedding, final conv) keeps weight 1.
 """
 
 import re
@@ -20,6 +22,9 @@ from .errors import PromptSyntaxError
 
 BLOCK_IDS_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 BLOCK_IDS_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
+BLOCK_IDS_SDXL_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+BLOCK_IDS_SDXL_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+BLOCK_LAYOUTS = {len(ids): ids for ids in (BLOCK_IDS_26, BLOCK_IDS_17, BLOCK_IDS_SDXL_12, BLOCK_IDS_SDXL_20)}
 # LoRA-Block-Weight's default presets, in its 17-value form.
 BLOCK_PRESETS = {
     "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
@@ -64,15 +69,14 @@ def _float(value: str, what: str, tag: str) -> float:
 
 
 def parse_block_weights(text: str, tag: str = "lbw") -> tuple[float, ...]:
-    """17 or 26 comma-separated weights, or a preset name -> the 26 weights BASE, IN00..IN11, M00, OUT00..OUT11."""
+    """17 or 26 (SD1/SD2), 12 or 20 (SDXL) comma-separated weights, or a preset name -> the 26 weights
+    BASE, IN00..IN11, M00, OUT00..OUT11."""
     text = BLOCK_PRESETS.get(text.strip(), text)
     values = [_float(v.strip(), "block weight", tag) for v in text.split(",")]
-    if len(values) == 26:
-        return tuple(values)
-    if len(values) != 17:
-        raise PromptSyntaxError(f"{tag}: lbw needs 17 or 26 comma-separated weights or a preset "
+    if len(values) not in BLOCK_LAYOUTS:
+        raise PromptSyntaxError(f"{tag}: lbw needs 17 or 26 comma-separated weights (SDXL: 12 or 20) or a preset "
                                 f"({', '.join(BLOCK_PRESETS)}), got {len(values)} values")
-    by_block = dict(zip(BLOCK_IDS_17, values))
+    by_block = dict(zip(BLOCK_LAYOUTS[len(values)], values))
     return tuple(by_block.get(block, 0.0) for block in BLOCK_IDS_26)
 
 

@@ -5,6 +5,7 @@ leaves a state that loads.
 """
 
 import csv
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ import torch
 
 from .config import ConfigError, TrainConfig
 
-STATE_FILE, CONFIG_FILE, LOSS_FILE = "state.pt", "config.toml", "loss.csv"
+STATE_FILE, CONFIG_FILE, LOSS_FILE, BASE_FILE = "state.pt", "config.toml", "loss.csv", "base_model.json"
+ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 LOSS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "val_loss")
 
 
@@ -39,13 +41,14 @@ class RunFolder:
         self.samples = self.path / "samples"
 
     @classmethod
-    def create(cls, path: Path, config: TrainConfig) -> "RunFolder":
-        """A new run; refuses a folder that already holds a run (resume it instead)."""
+    def create(cls, path: Path, config: TrainConfig, arch: str = "sd1") -> "RunFolder":
+        """A new run on a base model of `arch`; refuses a folder that already holds a run (resume it instead)."""
         run = cls(path)
         if (run.path / STATE_FILE).exists() or (run.path / LOSS_FILE).exists():
             raise ConfigError(f"{run.path} already holds a run: resume it with --resume {run.path}, or choose another output_name")
         run.samples.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run.path / CONFIG_FILE, config.to_toml().encode())
+        atomic_write_bytes(run.path / BASE_FILE, json.dumps({"arch": arch}).encode())
         with open(run.path / LOSS_FILE, "w", newline="") as f:
             csv.writer(f).writerow(LOSS_COLUMNS)
         return run
@@ -59,6 +62,14 @@ class RunFolder:
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_toml(self.path / CONFIG_FILE)
+
+    def check_architecture(self, arch: str) -> None:
+        """Refuse to resume on a model of another architecture (its adapters would not fit); older runs are SD1."""
+        path = self.path / BASE_FILE
+        trained = json.loads(path.read_text())["arch"] if path.exists() else "sd1"
+        if trained != arch:
+            raise ConfigError(f"{self.path} was trained on an {ARCH_NAMES[trained]} model and the loaded model is "
+                              f"{ARCH_NAMES[arch]}; load an {ARCH_NAMES[trained]} model (the run's base) to resume it")
 
     def log(self, row: dict) -> None:
         with open(self.path / LOSS_FILE, "a", newline="") as f:

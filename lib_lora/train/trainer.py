@@ -71,7 +71,9 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     run_dir = Path(run_dir or host.runs_dir / config.output_name)
     if not resume:
         check_output_free(config, host)
-    run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
+    run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config, host.arch)
+    if resume:
+        run.check_architecture(host.arch)
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
     for note in plan_warnings(config, data, BaseModel.of(host)):
         emit(TrainEvent("warning", message=note))
