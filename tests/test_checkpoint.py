@@ -117,3 +117,21 @@ def test_extra_keys_real_sd1_files_carry_are_accepted(tiny_checkpoint_path, tmp_
         state["alphas_cumprod"] = torch.ones(1000)
 
     load_checkpoint(_rewrite(tiny_checkpoint_path, tmp_path / "extras.safetensors", change))
+
+
+def test_a_header_that_lies_about_offsets_is_named(tiny_checkpoint_path, tmp_path):
+    """A safetensors header whose offsets run past the file (a bad download, a hand-edited file) is refused by key."""
+    import json
+    import struct
+
+    blob = tiny_checkpoint_path.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    key = next(k for k in header if k != "__metadata__")
+    begin, end = header[key]["data_offsets"]
+    header[key]["data_offsets"] = [begin, end + 4]
+    new = json.dumps(header).encode()
+    lying = tmp_path / "lying.safetensors"
+    lying.write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + length :])
+    with pytest.raises(CheckpointError, match=rf"lying\.safetensors: header entry '{key}' claims bytes"):
+        load_checkpoint(lying)

@@ -1,5 +1,6 @@
 """Reading a flat dict of tensors from .safetensors or a weights-only torch file, with named errors."""
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -32,36 +33,67 @@ def read_tensor_file(path: Path, error: type[ValueError], what: str) -> tuple[di
     return data, {}
 
 
+# safetensors dtype names -> torch dtypes (the format's own spelling)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attr)},
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
+
+
 class LazyTensors(Mapping):
-    """A .safetensors file's tensors, each read from disk when asked for and not kept.
+    """A .safetensors file's tensors, each read from disk into its own memory when asked for, and not kept.
 
     Loading a checkpoint through it converts one tensor at a time to the compute dtype, so an fp16
-    SDXL file becomes fp32 weights without ever holding the whole fp16 copy beside them.
+    SDXL file becomes fp32 weights without the fp16 copy beside them. Plain reads rather than a
+    memory map: a map of the whole file would count in the process's resident memory until closed.
+    The header is checked against the file's size, so a header that lies gives a clear error.
     """
 
     def __init__(self, path: Path, error: type[ValueError]):
+        self._path, self._error = Path(path), error
         try:
-            self._file = safe_open(str(path), framework="pt")
-            self._keys = list(self._file.keys())
-            self._key_set = set(self._keys)
-            self.metadata = dict(self._file.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            size = self._path.stat().st_size
+            with open(self._path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if not 2 <= header_len <= min(MAX_HEADER_BYTES, size - 8):
+                    raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+                header = json.loads(f.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
             raise error(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
-        self._path, self._error = path, error
+        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self._data_start, self._entries = 8 + header_len, {}
+        for key, entry in header.items():
+            self._entries[key] = self._check_entry(key, entry, size - self._data_start)
+
+    def _check_entry(self, key: str, entry, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """(dtype, shape, offset) of one tensor, after checking its header entry against the file."""
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise self._error(f"{self._path}: header entry {key!r} is malformed ({e!r})") from None
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise self._error(f"{self._path}: header entry {key!r} claims bytes {begin}..{end} for {nbytes} bytes of "
+                              f"{entry['dtype']} {list(shape)}, in a data area of {data_size} bytes (truncated or corrupted?)")
+        return dtype, shape, begin
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._key_set:
-            raise KeyError(key)
-        try:
-            return self._file.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise self._error(f"{self._path}: tensor {key!r} cannot be read (truncated or corrupted?): {e}") from e
+        dtype, shape, begin = self._entries[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(bytearray())
+        with open(self._path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise self._error(f"{self._path}: tensor {key!r} is cut short (truncated file?)")
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
     def __contains__(self, key) -> bool:
-        return key in self._key_set
+        return key in self._entries
