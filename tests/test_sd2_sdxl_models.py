@@ -179,3 +179,25 @@ def test_generation_is_deterministic_and_follows_the_prompt(arch):
     assert first.tobytes() == again.tobytes()
     assert first.tobytes() != other.tobytes()
     assert encode_prompts(ckpt, ["x"]).pooled is None if arch == "sd2" else encode_prompts(ckpt, ["x"]).pooled.shape == (1, 48)
+
+
+def test_an_sd2_file_that_does_not_say_is_tested_as_the_webui_does(tmp_path, monkeypatch):
+    """No metadata: the webui runs the UNet at t=999 on a flat input; a mean output far below it means v."""
+    from lib_lora.models import checkpoint
+
+    ckpt = random_tiny_checkpoint(0, "sd2")
+    path = tmp_path / "sd2.safetensors"
+    save_checkpoint(ckpt, path)
+    state, meta = read_state_dict(path)
+    save_file(state, str(path), metadata={k: v for k, v in meta.items() if k != "lib_lora.parameterization"})
+    seen = []
+    for output_shift, expected in ((-5.0, "v"), (0.0, "eps")):
+        monkeypatch.setattr(UNetModel, "forward", lambda self, x, t, context, y=None, s=output_shift: seen.append(int(t)) or x + s)
+        assert load_checkpoint(path).parameterization == expected
+    assert seen == [999, 999]
+    monkeypatch.undo()
+    sd1 = tmp_path / "sd1.safetensors"
+    save_checkpoint(random_tiny_checkpoint(0, "sd1"), sd1, extra_metadata={})
+    state, meta = read_state_dict(sd1)
+    save_file(state, str(sd1), metadata={k: v for k, v in meta.items() if k != "lib_lora.parameterization"})
+    assert load_checkpoint(sd1).parameterization == "eps"

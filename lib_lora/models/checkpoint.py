@@ -7,7 +7,8 @@ from where the text encoders live (lora-format.md §4, webui-integration.md §2)
 context width, vocabulary and layer counts come from tensor shapes. What shapes cannot tell
 (attention head counts, latent scale, eps/v) comes from safetensors metadata keys `lib_lora.*`
 when present, else from each architecture's own values; v-prediction also from the `v_pred` marker
-key that SDXL v-pred fine-tunes carry, or from `modelspec.prediction_type`.
+key that SDXL v-pred fine-tunes carry, or from `modelspec.prediction_type`, and for an SD2 file that
+says nothing from the webui's own test of the UNet's output (`sd2_predicts_v`).
 """
 
 import os
@@ -239,13 +240,23 @@ def _check_format(path, state: dict[str, torch.Tensor], arch: str) -> None:
                               f"model); LoRA training needs a plain text-to-image model (4 channels)")
 
 
-def _parameterization(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """v if the file says so: our own key, the `v_pred` marker key, or modelspec's prediction type."""
+def _parameterization(state: Mapping[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+    """What the file says: our own key, the `v_pred` marker key, or modelspec's prediction type; None if silent."""
     if "lib_lora.parameterization" in meta:
         return meta["lib_lora.parameterization"]
     if "v_pred" in state or meta.get("modelspec.prediction_type") == "v":
         return "v"
-    return "eps"
+    return "eps" if "modelspec.prediction_type" in meta else None
+
+
+@torch.no_grad()
+def sd2_predicts_v(unet: UNetModel) -> bool:
+    """The webui's test for an SD2 file that does not say (`is_using_v_parameterization_for_sd2`): at t = 999
+    on a flat input a v-model's output sits far below its input, an eps-model's does not."""
+    param = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    context = torch.full((1, 2, unet.config.context_dim), 0.5, device=param.device, dtype=param.dtype)
+    return (unet(x, torch.tensor([999], device=param.device), context) - x).float().mean().item() < -1
 
 
 def _build(path, module_cls, config, sd: Mapping[str, torch.Tensor], prefix: str, dtype, **kwargs):
@@ -298,12 +309,16 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the {NAMES[arch]} architecture") from e
     scale = float(meta.get("lib_lora.scale_factor", DEFAULT_LATENT_SCALE[arch]))
     texts = [_build(path, cls, config, sd, prefix, dtype).to(device) for (sd, prefix, cls, _, _), config in zip(text_sds, text_configs)]
+    unet = _build(path, UNetModel, unet_config, unet_sd, UNET_PREFIX, dtype).to(device)
+    parameterization = parameterization or _parameterization(state, meta)
+    if parameterization is None:  # SD2 files in the wild (768-v) rarely say; SD1 and SDXL default to eps
+        parameterization = "v" if arch == "sd2" and sd2_predicts_v(unet) else "eps"
     return Checkpoint(
-        unet=_build(path, UNetModel, unet_config, unet_sd, UNET_PREFIX, dtype).to(device),
+        unet=unet,
         vae=_build(path, AutoencoderKL, vae_config, vae_sd, VAE_PREFIX, dtype, scale_factor=scale).to(device),
         text_encoder=texts[0],
         text_encoder_2=texts[1] if len(texts) > 1 else None,
-        parameterization=parameterization or _parameterization(state, meta),
+        parameterization=parameterization,
         metadata=meta,
         arch=arch,
     )
