@@ -227,13 +227,13 @@ TEXT_ENCODERS = {
     ],
 }
 DEFAULT_LATENT_SCALE = {"sd1": SD_LATENT_SCALE, "sd2": SD_LATENT_SCALE, "sdxl": SDXL_LATENT_SCALE}
-NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # how messages and cards name each architecture
 
 
 def _check_format(path, state: dict[str, torch.Tensor], arch: str) -> None:
     for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), *((p, "text encoder") for p in text_prefixes(arch))):
         if not any(k.startswith(prefix) for k in state):
-            raise CheckpointError(f"{path}: no {what} weights (no keys starting with {prefix!r}); not an {NAMES[arch]} checkpoint")
+            raise CheckpointError(f"{path}: no {what} weights (no keys starting with {prefix!r}); not an {ARCH_NAMES[arch]} checkpoint")
     in_channels = state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] if UNET_PREFIX + "input_blocks.0.0.weight" in state else 4
     if in_channels != 4:
         raise CheckpointError(f"{path}: its UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "
@@ -297,7 +297,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     prefixes = (UNET_PREFIX, VAE_PREFIX, *text_prefixes(arch))
     leftovers = sorted(k for k in state if not k.startswith(prefixes) and not IGNORED_KEY.match(k))
     if leftovers:
-        raise CheckpointError(f"{path}: unknown keys outside the UNet, VAE and text encoders of an {NAMES[arch]} "
+        raise CheckpointError(f"{path}: unknown keys outside the UNet, VAE and text encoders of an {ARCH_NAMES[arch]} "
                               f"checkpoint: {', '.join(leftovers[:20])}")
     kept = [k for k in state if not IGNORED_KEY.match(k)]
     unet_sd, vae_sd = Component(state, UNET_PREFIX, kept), Component(state, VAE_PREFIX, kept)
@@ -306,7 +306,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         unet_config, vae_config = infer_unet_config(unet_sd, meta), infer_vae_config(vae_sd)
         text_configs = [infer(sd, meta, heads_key) for sd, _, _, infer, heads_key in text_sds]
     except KeyError as e:
-        raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the {NAMES[arch]} architecture") from e
+        raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the {ARCH_NAMES[arch]} architecture") from e
     scale = float(meta.get("lib_lora.scale_factor", DEFAULT_LATENT_SCALE[arch]))
     texts = [_build(path, cls, config, sd, prefix, dtype).to(device) for (sd, prefix, cls, _, _), config in zip(text_sds, text_configs)]
     unet = _build(path, UNetModel, unet_config, unet_sd, UNET_PREFIX, dtype).to(device)

@@ -6,9 +6,9 @@ Built from a host (`BaseModel.of`) at the edge, so the advice itself is plain an
 
 from dataclasses import dataclass
 
+from ..models.checkpoint import ARCH_NAMES
 from .config import TrainConfig
 
-ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 # A side this far from the native one, as a ratio, draws noticeably worse (SD1 at 768 px is still usual).
 SIZE_TOLERANCE = (0.75, 1.5)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..models.checkpoint import ARCH_NAMES
 from .config import ConfigError, TrainConfig
 
 STATE_FILE, CONFIG_FILE, LOSS_FILE, BASE_FILE = "state.pt", "config.toml", "loss.csv", "base_model.json"
-ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 LOSS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "val_loss")
 
 
