@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from .demo.tiny import DEFAULT_CHECKPOINT
 from .models.samplers import SAMPLERS
+from .tools.cli import add_tools_commands
 from .train.cli import add_train_command
 from .ui.cli import add_ui_command
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
     add_train_command(commands)
     add_ui_command(commands)
+    add_tools_commands(commands)
     demo = commands.add_parser("demo", help="the main job: teach the embedded model a new concept, show before/after")
     demo.add_argument("--out-dir", type=Path, default=Path("out"))
     demo.add_argument("--concept", choices=("purple", "star"), default="purple")
