@@ -100,15 +100,15 @@ def test_missing_root_and_ignored_folders(tmp_path):
 def test_unreadable_files_refused_or_skipped_and_listed(tmp_path):
     write_image(tmp_path / "1_x" / "good.png")
     (tmp_path / "1_x" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    write_image(tmp_path / "1_x" / "latin1.png")
-    (tmp_path / "1_x" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    write_image(tmp_path / "1_x" / "binary.png")
+    (tmp_path / "1_x" / "binary.txt").write_bytes(b"\x00\x81\x8d\x9d binary, no text encoding")
     with pytest.raises(DatasetError) as error:
         scan_dataset(tmp_path)
     assert "2 unreadable file(s)" in str(error.value)
-    assert "broken.png" in str(error.value) and "latin1.txt" in str(error.value)
+    assert "broken.png" in str(error.value) and "binary.txt" in str(error.value)
     scan = scan_dataset(tmp_path, allow_unreadable=True)
     assert [i.path.name for i in scan.items()] == ["good.png"]
-    assert len(scan.problems) == 2 and "broken.png" in scan.problems[0]
+    assert len(scan.problems) == 2 and "broken.png" in scan.problems[1]
 
 
 def test_all_images_unreadable_is_still_an_error(tmp_path):

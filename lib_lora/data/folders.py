@@ -3,8 +3,11 @@
 Conventions from kohya-ss/sd-scripts (`config_util.generate_dreambooth_subsets_config_by_subdirs`,
 `train_util.DreamBoothDataset`): each subfolder `N_name` is a subset repeated N times per epoch;
 `name` (everything after the first `_`) is the class token, used as the caption of an image that has
-no caption file. Where kohya silently skips (a folder without repeats, zero repeats, an unreadable
-image) we stop with a `DatasetError` instead, so the user learns about it before training.
+no caption file. Where kohya silently skips (a folder with images but no repeat count, zero or
+negative repeats, an unreadable image) we stop with a `DatasetError` naming it instead, so the user
+learns about it before training; a folder without images (`logs`, `notes`) is ignored, as kohya
+does. N may be any positive count (`999999_x` too: the step math shows what it means). Only the
+folders directly under the root are read, never deeper, so a symlink loop cannot recurse.
 """
 from __future__ import annotations
 
@@ -13,24 +16,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from .errors import DatasetError
+from .image_files import IMAGE_ERRORS, inspect_image
+from .text_files import read_text
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})  # kohya's, and GIF's first frame
 CAPTION_EXTENSIONS = (".txt", ".caption")
 DEFAULT_CAPTION_SOURCE = "default"
-SUBSET_NAME = re.compile(r"^(\d+)_(.+)$")
-EXIF_ORIENTATION = 0x0112
-ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+SUBSET_NAME = re.compile(r"^(-?\d+)_(.*)$")
 SHOWN_NAMES = 5  # file names listed in a warning before "... and N more"
-# What PIL raises on a broken image file (SyntaxError: some malformed PNG chunks).
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-__all__ = ["DatasetError", "ImageItem", "Subset", "DatasetScan", "scan_dataset", "check_batch_size", "is_image_file"]
+__all__ = ["DatasetError", "ImageItem", "Subset", "DatasetScan", "scan_dataset", "check_batch_size", "is_image_file", "IMAGE_ERRORS"]
 
 
 @dataclass(frozen=True)
@@ -120,14 +119,14 @@ def scan_dataset(
     extensions = _caption_extensions(caption_extension)
     subsets, problems, warnings = [], [], []
     for directory in directories:
-        subset = _scan_subset(directory, extensions, is_reg, problems)
+        subset = _scan_subset(directory, extensions, is_reg, problems, warnings)
         if subset.items:
             subsets.append(subset)
         else:
             warnings.append(f"{directory}: no usable images, folder ignored")
     _check_problems(root, problems, allow_unreadable)
     if not subsets:
-        raise DatasetError(f"no usable images in {root}: add png/jpg/jpeg/webp/bmp images to its N_name folders")
+        raise DatasetError(f"no usable images in {root}: add png/jpg/jpeg/webp/bmp/gif images to its N_name folders")
     scan = DatasetScan(subsets, problems, _count_default(subsets), warnings)
     _warn_default_captions(scan)
     for message in scan.warnings:
@@ -161,17 +160,21 @@ def _has_images(directory: Path) -> bool:
 
 
 def _parse_repeats(directory: Path) -> tuple[int, str]:
-    """(repeats, class token) from a folder named `N_name`."""
+    """(repeats, class token) from a folder named `N_name`; kohya skips the folders refused here."""
     match = SUBSET_NAME.match(directory.name)
     if match is None:
         raise DatasetError(
             f"folder {directory} has images but its name does not start with a repeat count: "
-            f"rename it like 10_{directory.name} (10 = repeats per epoch)"
+            f"rename it like 10_{directory.name} (10 = repeats per epoch); kohya's scripts would skip it"
         )
-    repeats = int(match.group(1))
-    if repeats == 0:
-        raise DatasetError(f"folder {directory} has zero repeats: rename it with a repeat count of 1 or more, e.g. 1_{match.group(2)}")
-    return repeats, match.group(2)
+    repeats, name = int(match.group(1)), match.group(2)
+    if not name:
+        raise DatasetError(f"folder {directory} has no name after its repeat count: rename it like {directory.name}name "
+                           f"(the name is the caption of images without a caption file)")
+    if repeats < 1:
+        raise DatasetError(f"folder {directory} has {'zero' if repeats == 0 else 'negative'} repeats ({repeats}), so its "
+                           f"images would never be used (kohya skips it): rename it with 1 or more, e.g. 1_{name}")
+    return repeats, name
 
 
 def _caption_extensions(caption_extension: str) -> list[str]:
@@ -182,61 +185,46 @@ def _caption_extensions(caption_extension: str) -> list[str]:
     return [chosen] + [e for e in CAPTION_EXTENSIONS if e != chosen]
 
 
-def _scan_subset(directory: Path, extensions: list[str], is_reg: bool, problems: list[str]) -> Subset:
+def _scan_subset(directory: Path, extensions: list[str], is_reg: bool, problems: list[str], warnings: list[str]) -> Subset:
     repeats, name = _parse_repeats(directory)
     items = []
     for path in sorted(p for p in directory.iterdir() if is_image_file(p)):
-        item = _scan_image(path, name, directory.name, extensions, is_reg, problems)
+        item = _scan_image(path, name, directory.name, extensions, is_reg, problems, warnings)
         if item is not None:
             items.append(item)
     return Subset(directory, name, repeats, items, is_reg)
 
 
 def _scan_image(
-    path: Path, class_token: str, subset: str, extensions: list[str], is_reg: bool, problems: list[str]
+    path: Path, class_token: str, subset: str, extensions: list[str], is_reg: bool, problems: list[str], warnings: list[str]
 ) -> ImageItem | None:
     """The item for one image, or None after recording why it cannot be used."""
     try:
-        size = read_image_size(path)
-        caption, source = read_caption(path, extensions)
+        info = inspect_image(path)
+        caption, source = read_caption(path, extensions, warnings)
     except (DatasetError, *IMAGE_ERRORS) as error:
-        problems.append(f"{path}: {error}")
+        problems.append(str(error) if isinstance(error, DatasetError) else f"{path}: {error}")
         return None
+    if info.frames > 1:
+        warnings.append(f"image {path} is animated ({info.frames} frames): only its first frame is used")
     if caption is None:
         caption, source = class_token, DEFAULT_CAPTION_SOURCE
-    return ImageItem(path, caption, source, subset, is_reg, size)
+    return ImageItem(path, caption, source, subset, is_reg, info.size)
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the image will be seen: from the header, swapped for rotating EXIF orientations.
-
-    `verify()` reads the file's chunks (PNG CRCs) without decoding pixels, so most corrupt files are
-    caught here rather than mid-training.
-    """
-    with Image.open(path) as image:
-        image.verify()  # must come first: it leaves the image unusable
-    with Image.open(path) as image:
-        width, height = image.size
-        # Only EXIF already in the header: PIL's getexif() on a PNG otherwise decodes the whole image.
-        orientation = image.getexif().get(EXIF_ORIENTATION) if "exif" in image.info else None
-    if width < 1 or height < 1:
-        raise DatasetError(f"{path} has an empty size {width}x{height}")
-    return (height, width) if orientation in ROTATED_ORIENTATIONS else (width, height)
-
-
-def read_caption(image_path: Path, extensions: list[str]) -> tuple[str | None, str]:
+def read_caption(image_path: Path, extensions: list[str], warnings: list[str] | None = None) -> tuple[str | None, str]:
     """The first line of the first caption file found, and its extension; (None, "") when there is none.
 
-    kohya reads only the first line unless wildcards are on. An empty file counts as no caption.
+    kohya reads only the first line unless wildcards are on. An empty file counts as no caption. A file
+    that is not UTF-8 is read in the encoding `text_files.read_text` finds, with a warning naming it.
     """
     for extension in extensions:
         path = image_path.with_suffix(extension)
         if not path.is_file():
             continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise DatasetError(f"caption {path} is not UTF-8 text ({error.reason}): re-save it as UTF-8") from error
+        text, encoding = read_text(path)
+        if encoding is not None and warnings is not None:
+            warnings.append(f"caption {path} is not UTF-8: read as {encoding}; check it, or re-save it as UTF-8")
         lines = text.splitlines()
         first = lines[0].strip() if lines else ""
         return (first, extension) if first else (None, "")
@@ -248,7 +236,7 @@ def _check_problems(root: Path, problems: list[str], allow_unreadable: bool) -> 
         listed = "\n  ".join(problems)
         raise DatasetError(
             f"{len(problems)} unreadable file(s) in {root}; fix or remove them, "
-            f"or allow skipping unreadable files:\n  {listed}"
+            f"or allow skipping unreadable files (allow_unreadable_images):\n  {listed}"
         )
     for problem in problems:
         logger.warning("skipped unreadable file %s", problem)

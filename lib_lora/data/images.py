@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from .buckets import cover_size
 from .errors import DatasetError
-from .folders import IMAGE_ERRORS
+from .image_files import IMAGE_ERRORS, open_checked, unreadable_message
 from .rng import Rng, rand_float, rand_int
 
 WHITE = (255, 255, 255, 255)
@@ -39,14 +39,17 @@ def load_image(path: Path | str, with_alpha: bool = False) -> tuple[Image.Image,
     """The image in RGB (EXIF orientation applied, transparency composited on white) and its alpha.
 
     The alpha is a float32 mask [H, W] in 0..1 when `with_alpha` and the image has transparency,
-    else None. Palette, 1-bit, greyscale, 16-bit greyscale, CMYK and YCbCr images become RGB.
+    else None. Palette, 1-bit, greyscale, 16-bit greyscale, CMYK and YCbCr images become RGB; of an
+    animated GIF or WebP, the first frame. An image above `MAX_IMAGE_PIXELS` is refused undecoded.
     """
     try:
-        with Image.open(path) as opened:
+        with open_checked(path) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
+    except DatasetError:
+        raise  # already names the file (a decompression bomb)
     except IMAGE_ERRORS as error:
-        raise DatasetError(f"cannot read image {path}: {error}; fix or remove the file") from error
+        raise DatasetError(unreadable_message(path, error)) from error
     image = _eight_bit(image)
     if not _has_alpha(image):
         return image.convert("RGB"), None

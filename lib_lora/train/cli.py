@@ -17,8 +17,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(f.default, tuple):
             kwargs["nargs"] = "+"
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("choices"):  # listed, but checked by TrainConfig, which names the closest one
+            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         parser.add_argument("--" + f.name, **kwargs)
 
 

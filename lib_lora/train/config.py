@@ -6,12 +6,15 @@ from this dataclass (`fields()` gives names, types, defaults and help). Where ko
 """
 
 import dataclasses
+import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..models.samplers import SAMPLERS
+from .names import ALLOWED, name_problem
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -112,7 +115,7 @@ class TrainConfig:
     training_comment: str = _opt("", "stored in the file's ss_training_comment")
 
     def __post_init__(self):
-        for check in (_check_choices, _check_ranges, _check_resolution, _check_exclusive):
+        for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive):
             check(self)
 
     @property
@@ -146,7 +149,8 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see `python -m lib_lora train --help`")
+            named = ", ".join(name + _did_you_mean(name, known) for name in unknown)
+            raise ConfigError(f"unknown option(s) {named}; see `python -m lib_lora train --help`")
         return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
 
     @classmethod
@@ -169,24 +173,64 @@ def _plain(value):
 
 
 def _coerce(f: dataclasses.Field, value):
-    """TOML/CLI values into the field's type: lists to tuples, ints to floats, with a named error."""
-    default = f.default
+    """TOML/CLI values into the field's type: lists to tuples, ints to floats, with a named error.
+
+    Nothing is guessed: 4.5 is not a rank, "maybe" not a switch, a list not a word (str() would make
+    "['a']" of it). Strings are parsed, as the CLI gives every value as one.
+    """
+    default, given = f.default, value
     try:
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v for v in value.replace("x", ",").split(",") if v.strip()] if f.name == "resolution" else [value]
             items = tuple(value)
             if f.name == "resolution":
-                sides = tuple(int(v) for v in items)
+                sides = tuple(_whole(v) for v in items)
                 return sides * 2 if len(sides) == 1 else sides  # kohya: "512" means 512x512
             return tuple(str(v) for v in items)
         if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        return type(default)(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{f.name}: cannot use {value!r} as {type(default).__name__}") from e
+            return _switch(value)
+        if isinstance(default, (int, float)):
+            return _whole(value) if isinstance(default, int) else _number(value)
+        if not isinstance(value, str):
+            raise TypeError(f"not text: {value!r}")
+        return value
+    except (TypeError, ValueError, OverflowError) as e:
+        kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text (quote it)"}.get(type(default), "a list")
+        kind = "width and height in pixels (512, [512, 768] or \"512x768\")" if f.name == "resolution" else kind
+        raise ConfigError(f"{f.name}: cannot use {given!r}, which needs {kind}") from e
+
+
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _switch(value) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    word = str(value).strip().lower()
+    if word not in SWITCH_WORDS:
+        raise ValueError(f"{value!r} is not one of {', '.join(SWITCH_WORDS)}")
+    return SWITCH_WORDS[word]
+
+
+def _whole(value) -> int:
+    number = _number(value) if not isinstance(value, int) or isinstance(value, bool) else value
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)  # OverflowError for inf
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def _did_you_mean(word: str, options) -> str:
+    """" (did you mean X?)" for the closest of `options` (case-insensitive), or ""."""
+    by_lower = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]}?)" if close else ""
 
 
 def _toml_value(value) -> str:
@@ -202,18 +246,51 @@ def _toml_value(value) -> str:
 def _check_choices(c: TrainConfig) -> None:
     for f in dataclasses.fields(c):
         choices = f.metadata.get("choices")
-        if choices and getattr(c, f.name) not in choices:
-            raise ConfigError(f"{f.name}: {getattr(c, f.name)!r} is not one of {', '.join(choices)}")
+        value = getattr(c, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}{_did_you_mean(str(value), choices)}")
+
+
+MAX_SIDE = 8192  # px: 8x SDXL's training size; beyond, no GPU holds the attention
+MAX_RANK = 1280  # the full rank of the widest targeted layer in SD1/SD2/SDXL: a larger rank only costs memory
+# Inclusive bounds of numeric options (None: unbounded), with why; any other must be finite and >= 0.
+# The half-open ones (rates in [0, 1), learning_rate > 0, the timestep pair) are checked in _check_ranges.
+NUMBER_LIMITS = {
+    "network_dim": (1, None, ""), "train_batch_size": (1, None, ""), "gradient_accumulation_steps": (1, None, ""),
+    "max_train_epochs": (1, None, ""), "lr_scheduler_num_cycles": (1, None, ""), "lokr_factor": (-1, None, ""),
+    "clip_skip": (1, 12, "SD1's text encoder has 12 layers"),
+    "seed": (0, 2**63 - 1, "every run is seeded: -1 does not mean random here"),
+    "noise_offset": (0, 1, "an offset above 1 outweighs the noise itself; 0.05-0.1 is usual"),
+    "multires_noise_discount": (0, 1, "each coarser level must weigh less; 0.3 is usual"),
+}
+
+
+def _check_numbers(c: TrainConfig) -> None:
+    """Every int/float option: of its type (no bool), finite, within NUMBER_LIMITS (default: >= 0)."""
+    for f in dataclasses.fields(c):
+        if isinstance(f.default, bool) or not isinstance(f.default, (int, float)):
+            continue
+        value, whole = getattr(c, f.name), isinstance(f.default, int)
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            raise ConfigError(f"{f.name}: must be {'a whole number' if whole else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+        low, high, why = NUMBER_LIMITS.get(f.name, (0, None, ""))
+        if value < low or (high is not None and value > high):
+            bound = "cannot be negative" if value < low == 0 else f"must be at least {low}" if value < low else f"must be at most {high}"
+            raise ConfigError(f"{f.name}: {bound}, got {value}" + (f" ({why})" if why else ""))
 
 
 def _check_ranges(c: TrainConfig) -> None:
-    positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_epochs", "clip_skip")
-    for name in positive:
-        if getattr(c, name) < 1:
-            raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
     if c.network_type == "locon" and c.conv_dim < 1:
         raise ConfigError(f"conv_dim: must be at least 1 for locon, got {c.conv_dim}")
-    rates = ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout", "rank_dropout", "module_dropout", "validation_split")
+    for name in ("network_dim", "conv_dim"):  # lokr: a rank of half a factor's size or more means full matrices
+        used = name == "network_dim" or c.network_type != "lora"
+        if used and c.network_type != "lokr" and getattr(c, name) > MAX_RANK:
+            raise ConfigError(f"{name}: must be at most {MAX_RANK} for {c.network_type}, got {getattr(c, name)} (no layer of "
+                              f"SD1, SD2 or SDXL has a higher rank: more only costs memory)")
+    rates = ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout", "rank_dropout", "module_dropout", "validation_split",
+             "adam_beta1", "adam_beta2", "sgd_momentum")
     for name in rates:
         if not 0.0 <= getattr(c, name) < 1.0:
             raise ConfigError(f"{name}: must be in [0, 1), got {getattr(c, name)}")
@@ -221,16 +298,17 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError(f"learning_rate: must be positive, got {c.learning_rate}")
     if not 0 <= c.min_timestep < c.max_timestep <= 1000:
         raise ConfigError(f"min_timestep/max_timestep: need 0 <= min < max <= 1000, got {c.min_timestep}, {c.max_timestep}")
-    if c.lr_warmup_steps < 0 or c.keep_tokens < 0 or c.max_train_steps < 0:
-        raise ConfigError("lr_warmup_steps, keep_tokens and max_train_steps cannot be negative")
 
 
 def _check_resolution(c: TrainConfig) -> None:
-    if len(c.resolution) != 2:
-        raise ConfigError(f"resolution: give width and height, got {c.resolution}")
-    for side in (*c.resolution, c.min_bucket_reso, c.max_bucket_reso):
+    if len(c.resolution) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in c.resolution):
+        raise ConfigError(f"resolution: give width and height in whole pixels, got {c.resolution}")
+    sides = [("resolution", side) for side in c.resolution] + [("min_bucket_reso", c.min_bucket_reso), ("max_bucket_reso", c.max_bucket_reso)]
+    for name, side in sides:
         if side <= 0 or side % 64:
-            raise ConfigError(f"resolution: {side} is not a positive multiple of 64 (sizes must be multiples of 64 px)")
+            raise ConfigError(f"{name}: {side} is not a positive multiple of 64 (sizes must be multiples of 64 px)")
+        if side > MAX_SIDE:
+            raise ConfigError(f"{name}: {side} is above {MAX_SIDE} px (SDXL trains at 1024 px, SD1 at 512)")
     if c.enable_bucket and not c.min_bucket_reso <= min(c.resolution) <= max(c.resolution) <= c.max_bucket_reso:
         raise ConfigError(f"min_bucket_reso/max_bucket_reso: {c.min_bucket_reso}..{c.max_bucket_reso} must contain the resolution {c.resolution}")
 
@@ -238,5 +316,6 @@ def _check_resolution(c: TrainConfig) -> None:
 def _check_exclusive(c: TrainConfig) -> None:
     if c.network_train_unet_only and c.network_train_text_encoder_only:
         raise ConfigError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
-    if not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|'):
-        raise ConfigError(f"output_name: {c.output_name!r} must be a plain file name stem")
+    problem = name_problem(c.output_name) if isinstance(c.output_name, str) else "is not text"
+    if problem:
+        raise ConfigError(f"output_name: {c.output_name!r} {problem}; {ALLOWED}")

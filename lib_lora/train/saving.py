@@ -5,6 +5,7 @@ Names follow kohya: `<name>-000004.safetensors` (epoch 4), `<name>-step00000500.
 """
 
 import functools
+import glob
 import hashlib
 import random
 import re
@@ -30,7 +31,7 @@ def lora_dir_for(config: TrainConfig, host) -> Path:
 def check_output_free(config: TrainConfig, host) -> None:
     """Refuse before training, not after it, when a LoRA of this name already exists."""
     folder = lora_dir_for(config, host)
-    taken = [folder / f"{config.output_name}.safetensors", *folder.glob(f"{config.output_name}-*.safetensors")]
+    taken = [folder / f"{config.output_name}.safetensors", *folder.glob(f"{glob.escape(config.output_name)}-*.safetensors")]
     taken = [p for p in taken if p.exists()]
     if taken and not config.overwrite:
         raise ConfigError(f"output_name: {taken[0]} already exists; choose another output_name or set overwrite")
