@@ -142,3 +142,52 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
         page.screenshot(path=shots / "4-txt2img.png", full_page=True)
         browser.close()
     assert with_lora != without
+
+
+def test_queue_two_runs_from_the_tab_they_finish_in_order(app, shots, tmp_path):
+    from lib_lora.demo.dataset import make_lora_dataset
+
+    url, out_dir = app
+    dataset = make_lora_dataset(tmp_path / "dataset", concept="star", trigger="zkz", n_images=4, repeats=1)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#train_lora_queue_add", timeout=30_000)
+        assert "The queue is empty" in page.inner_text("#train_lora_queue")
+        fill(page, "train_lora_train_data_dir", dataset)
+        page.click("#train_lora_sections button:has-text('Training')")
+        fill(page, "train_lora_resolution", 64)
+        fill(page, "train_lora_train_batch_size", 1)
+        fill(page, "train_lora_max_train_epochs", 10)  # 40 steps: time to queue and edit the others
+        fill(page, "train_lora_output_name", "first")
+        page.click("#train_lora_queue_add")
+        page.wait_for_function("document.querySelector('#train_lora_queue_note').innerText.includes('first started')", timeout=15_000)
+
+        fill(page, "train_lora_max_train_epochs", 1)
+        for name in ("second", "third"):
+            fill(page, "train_lora_output_name", name)
+            page.click("#train_lora_queue_add")
+            page.wait_for_function(f"document.querySelector('#train_lora_queue_note').innerText.includes('queued {name}')", timeout=15_000)
+        page.click("#train_lora_queue_job input")  # opening the list refreshes it from the queue
+        page.click("#train_lora_queue_job li:has-text('third')", timeout=10_000)
+        page.click("#train_lora_queue_up")
+        page.wait_for_function("document.querySelector('#train_lora_queue_note').innerText.includes('third is now job 1 of 2')", timeout=15_000)
+        rows = page.locator("#train_lora_queue tbody tr").all_inner_texts()
+        assert [row.split("\t")[1] for row in rows] == ["third", "second"]
+        page.screenshot(path=shots / "5-queue.png", full_page=True)
+        page.click("#train_lora_queue_remove")
+        page.wait_for_function("document.querySelector('#train_lora_queue_note').innerText.includes('removed third')", timeout=15_000)
+        assert "third" not in page.inner_text("#train_lora_queue")
+
+        ended = "document.querySelector('#train_lora_queue').innerText.includes('second finished')"
+        page.wait_for_function(ended, timeout=2 * TRAIN_TIMEOUT_S * 1000)
+        assert "first finished \u00b7 second finished" in page.inner_text("#train_lora_queue")
+        assert "The queue is empty" in page.inner_text("#train_lora_queue")
+        page.wait_for_selector("#train_lora_progress [data-status='finished']", timeout=10_000)
+        assert "second" in page.inner_text("#train_lora_progress") and "step 4/4" in page.inner_text("#train_lora_progress")
+        page.screenshot(path=shots / "6-queue-done.png", full_page=True)
+        browser.close()
+    first, second = out_dir / "lora" / "first.safetensors", out_dir / "lora" / "second.safetensors"
+    assert first.is_file() and second.is_file() and not (out_dir / "lora" / "third.safetensors").exists()
+    assert first.stat().st_mtime < second.stat().st_mtime

@@ -41,8 +41,8 @@ def run_file(path: Path, name: str):
 def tab_builder(monkeypatch):
     built = []
 
-    def build_tab(host, settings):
-        built.append((host, settings))
+    def build_tab(controller, settings=None):
+        built.append((controller.host_factory, controller.settings))
         return "<blocks>"
 
     monkeypatch.setattr(lib_lora.ui, "build_tab", build_tab, raising=False)
@@ -52,14 +52,36 @@ def tab_builder(monkeypatch):
 def test_script_registers_the_tab_settings_and_unload(webui, tab_builder):
     run_file(ROOT / "scripts" / "train_lora.py", "train_lora.py")
     registered = webui.modules.script_callbacks.registered
-    assert sorted(registered) == ["script_unloaded", "ui_settings", "ui_tabs"]
+    assert sorted(registered) == ["app_started", "script_unloaded", "ui_settings", "ui_tabs"]
     (on_ui_tabs,) = registered["ui_tabs"]
     assert on_ui_tabs() == [("<blocks>", "Train LoRA", "train_lora")]
     ((host_factory, settings),) = tab_builder
     assert isinstance(host_factory.__self__, webui_host.WebuiTab) and settings.job_lock == host_factory.__self__.session
     assert settings.lora_dir == webui.root / "models" / "Lora" and settings.presets_dir == webui.root / "train-lora" / "presets"
+    assert settings.runs_dir == webui.root / "outputs" / "train-lora"
     assert settings.defaults == {"clip_skip": 1, "mixed_precision": "no"} and set(settings.captioners) == {"BLIP", "DeepBooru"}
-    assert registered["script_unloaded"] == [webui_host.interrupt_active]
+    assert registered["script_unloaded"][1:] == [webui_host.interrupt_active]
+
+
+def test_app_started_adds_the_api_on_the_tabs_controller_behind_api_auth(webui, tab_builder, monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(webui.shared.cmd_opts, "api_auth", "ann:secret,bob:pw", raising=False)
+    script = run_file(ROOT / "scripts" / "train_lora.py", "train_lora.py")
+    script.on_ui_tabs()
+    app = FastAPI()
+    script.on_app_started(None, app)
+    client = TestClient(app)
+    assert client.get("/train-lora/v1/queue").status_code == 401
+    assert client.get("/train-lora/v1/queue", auth=("ann", "wrong")).status_code == 401
+    answer = client.get("/train-lora/v1/queue", auth=("bob", "pw"))
+    assert answer.status_code == 200 and answer.json()["jobs"] == []
+    assert script.controller() is script._controller and script._controller.settings is tab_builder[0][1]  # the tab's controller
+    hold_queue = webui.modules.script_callbacks.registered["script_unloaded"][-2]
+    hold_queue()  # Reload UI: the old controller starts no more jobs
+    assert script._controller.queue_held
 
 
 def test_settings_appear_in_their_own_section_under_training(webui, tab_builder, monkeypatch):

@@ -2,7 +2,8 @@
 
 `python -m lib_lora ui` (see `cli.py`). The txt2img panel resolves `<lora:name:w>` tags (several
 blend) in the host's Lora folder through `generate_with_loras`; it takes turns with training
-through the controller's model lock. Binds to 127.0.0.1 unless told otherwise.
+through the controller's model lock. The HTTP API (`api.py`, /train-lora/v1/) is added to the
+server's FastAPI app with the tab's controller. Binds to 127.0.0.1 unless told otherwise.
 """
 
 import os
@@ -14,14 +15,18 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; must precede the import
 
 import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 
 from ..hosts.standalone import StandaloneHost  # noqa: E402
 from ..models.pipeline import GenerationParams  # noqa: E402
 from ..models.samplers import SAMPLERS  # noqa: E402
 from ..networks.apply import find_lora_files, generate_with_loras  # noqa: E402
 from ..train.presets import DEMO  # noqa: E402
+from .api import PREFIX, add_api_routes, parse_api_auth  # noqa: E402
+from .controller import TabController  # noqa: E402
 from .settings import TabSettings  # noqa: E402
-from .tab import GRADIO_MAJOR, USER_ERRORS, TrainTab, create_tab, listener_kwargs, note, poll  # noqa: E402
+from .tab import GRADIO_MAJOR, USER_ERRORS, TrainTab, create_tab, listener_kwargs, note  # noqa: E402
+from .wiring import watcher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]  # the extension root: javascript/ and style.css
 HISTORY = 8
@@ -46,8 +51,14 @@ def lora_names(host: StandaloneHost) -> str:
 
 
 def build_app(host: StandaloneHost, options: AppOptions) -> gr.Blocks:
+    return create_app(host, options)[0]
+
+
+def create_app(host: StandaloneHost, options: AppOptions) -> tuple[gr.Blocks, TabController]:
+    """The app's Blocks and the tab's controller (which the HTTP API is given)."""
     Path(host.lora_dir).mkdir(parents=True, exist_ok=True)
-    settings = TabSettings(presets_dir=options.out_dir / "presets", defaults=DEMO if options.embedded else {}, lora_dir=Path(host.lora_dir))
+    settings = TabSettings(presets_dir=options.out_dir / "presets", defaults=DEMO if options.embedded else {}, lora_dir=Path(host.lora_dir),
+                           runs_dir=Path(host.runs_dir))
     tab_blocks, controller, tab = create_tab(host, settings)
     css, js = assets()
     extra = {"head": f"<script>{js}</script>"} if GRADIO_MAJOR >= 4 and js else {}
@@ -60,16 +71,10 @@ def build_app(host: StandaloneHost, options: AppOptions) -> gr.Blocks:
                 tab_blocks.render()
             with gr.Tab("txt2img", elem_id="tab_lora_txt2img"):
                 build_txt2img(host, tab, 64 if options.embedded else 512)
-        app.load(_watcher(tab), None, [tab.progress, tab.chart, tab.samples, tab.log], **listener_kwargs())  # re-attach after a reload
+        app.load(watcher(tab), None, tab.watched, **listener_kwargs())  # re-attach after a reload
         if GRADIO_MAJOR < 4 and js:
             app.load(None, None, None, _js=f"() => {{ {js} }}")
-    return app
-
-
-def _watcher(tab: TrainTab):
-    def watch():
-        yield from poll(tab)
-    return watch
+    return app, controller
 
 
 def build_txt2img(host: StandaloneHost, tab: TrainTab, size: int) -> None:
@@ -117,8 +122,20 @@ def queue_kwargs() -> dict:
     return {"default_concurrency_limit": 4} if GRADIO_MAJOR >= 4 else {"concurrency_count": 4}
 
 
-def launch_app(checkpoint: Path | None, out_dir: Path, port: int, bind: str = "127.0.0.1") -> None:
+def serve(blocks: gr.Blocks, controller: TabController, *, port: int, bind: str = "127.0.0.1", api_auth: str | None = None) -> FastAPI:
+    """Start the server without blocking and add the HTTP API to it; returns Gradio's FastAPI app (3.41 and 4.x
+    both return it from `launch`). `api_auth`: "user:pass[,user2:pass2]", HTTP Basic on the API's routes."""
+    credentials = parse_api_auth(api_auth)  # a malformed value stops before the server starts
+    server, _, _ = blocks.queue(**queue_kwargs()).launch(server_name=bind, server_port=port, show_api=False, inbrowser=False,
+                                                          prevent_thread_lock=True)
+    add_api_routes(server, controller, credentials=credentials)
+    return server
+
+
+def launch_app(checkpoint: Path | None, out_dir: Path, port: int, bind: str = "127.0.0.1", api_auth: str | None = None) -> None:
     print(f"loading {checkpoint or 'the embedded tiny model'} ...", flush=True)
     host = StandaloneHost.from_file(checkpoint, out_dir=out_dir)
-    app = build_app(host, AppOptions(Path(out_dir), embedded=checkpoint is None))
-    app.queue(**queue_kwargs()).launch(server_name=bind, server_port=port, show_api=False, inbrowser=False)
+    blocks, controller = create_app(host, AppOptions(Path(out_dir), embedded=checkpoint is None))
+    serve(blocks, controller, port=port, bind=bind, api_auth=api_auth)
+    print(f"HTTP API: http://{bind}:{port}{PREFIX}/" + (" (HTTP Basic, --api-auth)" if api_auth else ""), flush=True)
+    blocks.block_thread()

@@ -8,7 +8,7 @@ def run_ui(args) -> None:
         from .app import launch_app
     except ImportError as e:
         raise SystemExit(f"the ui needs gradio: pip install -r requirements.txt ({e})") from e
-    launch_app(args.checkpoint, args.out_dir, args.port, args.bind)
+    launch_app(args.checkpoint, args.out_dir, args.port, args.bind, args.api_auth)
 
 
 def add_ui_command(commands) -> None:
@@ -17,4 +17,6 @@ def add_ui_command(commands) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--out-dir", type=Path, default=Path("out"), help="LoRAs go to OUT/lora, runs to OUT/runs, presets to OUT/presets")
     parser.add_argument("--bind", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    parser.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
+                        help="HTTP Basic credentials for the HTTP API under /train-lora/v1/ (as the webui's --api-auth)")
     parser.set_defaults(run=run_ui)

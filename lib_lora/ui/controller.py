@@ -1,12 +1,18 @@
 """What the tab's buttons do, as plain methods over widget values (no Gradio here).
 
-One `TabController` per tab: it owns the running job, the plan cache and the model lock, so two
-tabs (or two apps in one process) never share state. The host is obtained from the factory only
-when work needs the model (Train, Resume, compare, caption, and the preset list tailored to its
+One `TabController` per tab: it owns the running job, the training queue, the plan cache and the
+model lock, so two tabs (or two apps in one process) never share state; the HTTP API (`api.py`) is
+given the tab's controller, so both see the same job and queue. The host is obtained from the factory
+only when work needs the model (Train, Resume, compare, caption, and the preset list tailored to its
 architecture when it is opened), since the webui's model can change.
+
+The queue: jobs run one after another, in order, after the current run. When a run finishes or
+fails, the next job starts; when it is interrupted, the queue is held until the user resumes it
+(Resume on a run, or Run queue). After a restart the saved jobs wait, held, so nothing trains unasked.
 """
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +25,22 @@ from ..data.images import load_image
 from ..hosts.base import Host
 from ..hosts.webui import WebuiHostError
 from ..models.pipeline import GenerationParams
+from ..networks.apply import find_lora_files
 from ..train import presets
 from ..train.base_model import BaseModel
 from ..train.config import ConfigError, TrainConfig
-from ..train.run_folder import STATE_FILE, RunFolder
+from ..train.run_folder import CONFIG_FILE, STATE_FILE, RunFolder
 from ..train.trainer import train
 from . import compare, fields
 from .planning import PlanCache, summarize
+from .queue import JobQueue, NotFoundError, QueuedJob, QueueView, RunInfo, list_runs, name_taken
 from .report import build_report
-from .runner import JobState, TrainingJob
+from .runner import Cancelled, JobState, TrainingJob
 from .settings import TabSettings
 
 THUMBNAILS = 8
+HISTORY = 20  # finished runs remembered for the queue panel and the API
+LOCK_POLL_S = 0.25  # a queued job waiting for the model checks this often whether it was interrupted
 
 
 class BusyError(RuntimeError):
@@ -62,9 +72,12 @@ class TabController:
         self.settings = settings or TabSettings()
         self.plans = PlanCache()
         self.model_lock = threading.Lock()  # training, grids and (standalone) txt2img take turns
-        self._start_lock = threading.Lock()
+        self._start_lock = threading.RLock()  # starting a run, and the queue's hand-over from one job to the next
         self.job: TrainingJob | None = None
         self.last_config: TrainConfig | None = None
+        self._queue: JobQueue | None = None  # made on first use: it needs the runs folder
+        self.queue_held = False
+        self.history: deque[JobState] = deque(maxlen=HISTORY)
 
     # --- options
     def initial_values(self) -> dict:
@@ -133,47 +146,210 @@ class TabController:
             images.append(image)
         return images
 
+    # --- folders
+    def _folder(self, name: str, *, ask: bool = True) -> Path | None:
+        """`settings.<name>` (lora_dir, runs_dir), else the host's; None where that would make the host and `ask` is off."""
+        given = getattr(self.settings, name)
+        if given is not None:
+            return Path(given)
+        if self.host is None and not ask:
+            return None
+        return Path(getattr(self.host or self.host_factory(), name))
+
+    def lora_dir(self) -> Path:
+        return self._folder("lora_dir")
+
+    def runs_dir(self) -> Path:
+        return self._folder("runs_dir")
+
     # --- run
     def start(self, values: dict, *, resume: bool = False, run_dir: str = "") -> TrainingJob:
-        """Start training (or resume a run folder) in the background; a failed start is a failed job."""
+        """Start training (or resume a run folder) in the background; a failed start is a failed job.
+        While a run is active, the running job is returned (a second Train re-attaches)."""
         with self._start_lock:
-            if self.job is not None and self.job.snapshot().active:
+            if self._active():
                 return self.job
             try:
                 config = None if resume else fields.config_from_widgets(values)
+                return self._launch(config, run_dir, resume=resume)
             except ConfigError as e:
                 self.job = TrainingJob.failed(str(e))
                 return self.job
-            run_dir = run_dir.strip() or (str(self._last_run_dir() or "") if resume else "")
-            self.job = TrainingJob(lambda job: self._train(job, config, run_dir, resume)).start()
-            return self.job
 
-    def _train(self, job: TrainingJob, config: TrainConfig | None, run_dir: str, resume: bool):
-        with self._model("training"), self.settings.job_lock():
+    def start_run(self, config: TrainConfig | None, *, run_dir: str = "") -> TrainingJob:
+        """Start `config`, or resume `run_dir` when it is None (the HTTP API's start and resume).
+        Raises BusyError while a run is active and ConfigError when the output name is taken."""
+        with self._start_lock:
+            if self._active():
+                raise BusyError(f"{self.snapshot().name or 'a run'} is training; queue this one, or interrupt that one first")
+            return self._launch(config, run_dir, resume=config is None)
+
+    def resume_run(self, name: str) -> TrainingJob:
+        """Resume the run folder `<runs_dir>/<name>` (the HTTP API); NotFoundError if there is none."""
+        path = self.runs_dir() / name
+        if name in ("", ".", "..") or Path(name).name != name or not (path / CONFIG_FILE).is_file():
+            raise NotFoundError(f"no run folder named {name!r} in {self.runs_dir()}")
+        return self.start_run(None, run_dir=str(path))
+
+    def _active(self) -> bool:
+        return self.job is not None and self.job.snapshot().active
+
+    def _launch(self, config: TrainConfig | None, run_dir: str, *, resume: bool, queued: QueuedJob | None = None) -> TrainingJob:
+        if resume:
+            self.queue_held = False  # resuming continues the queue as well
+            run_dir = run_dir.strip() or str(self._last_run_dir() or "")
+            name = Path(run_dir).name if run_dir else ""
+        else:
+            if queued is None:
+                self._check_name(config, ask=False)
+            name = config.output_name
+        self.job = TrainingJob(lambda job: self._train(job, config, run_dir, resume, waits=queued is not None),
+                               name=name, on_end=lambda job: self._ended(job, queued)).start()
+        return self.job
+
+    def _train(self, job: TrainingJob, config: TrainConfig | None, run_dir: str, resume: bool, *, waits: bool = False):
+        with self._model("training", wait=job if waits else None), self.settings.job_lock():
             host = self.host_factory()
             job.attach_host(host)
             folder = None
             if resume:
                 folder = Path(run_dir) if run_dir else latest_run(host.runs_dir)
                 config = RunFolder.open(folder).config()
+                job.set_name(folder.name)
             self.last_config = config
             return train(config, host, on_event=job.on_event, run_dir=folder, resume=resume)
+
+    def _check_name(self, config: TrainConfig, *, ask: bool = True) -> None:
+        """ConfigError if the output name is in use: a LoRA file, a run folder, the running or a queued job.
+        Without `ask`, only where the folders are known without making the host (the trainer checks files again)."""
+        lora_dir, runs_dir = self._folder("lora_dir", ask=ask), self._folder("runs_dir", ask=ask)
+        if lora_dir is None or runs_dir is None:
+            return
+        state = self.snapshot()
+        reason = name_taken(config, lora_dir=lora_dir, runs_dir=runs_dir, running=state.name if state.active else None,
+                            queued=[job.name for job in self.queue.jobs()])
+        if reason:
+            raise ConfigError(reason)
+
+    def _ended(self, job: TrainingJob, queued: QueuedJob | None) -> None:
+        """On the ended job's thread: remember how it ended, then start the next queued job unless held."""
+        state = job.snapshot()
+        with self._start_lock:
+            self.history.append(state)
+            if queued is not None and state.status == "interrupted" and state.result is None:
+                self.queue.put_back(queued)  # interrupted while waiting for the model: it never ran
+            elif queued is not None:
+                self.queue.done(queued)
+            if state.status == "interrupted":
+                self.queue_held = True
+            self._advance()
+
+    def _advance(self) -> None:
+        """Start the next queued job when nothing trains and the queue is not held (under _start_lock)."""
+        if self._queue is None or self.queue_held or self._active():
+            return
+        queued = self._queue.take()
+        if queued is not None:
+            self._launch(queued.config, "", resume=False, queued=queued)
+
+    # --- queue
+    @property
+    def queue(self) -> JobQueue:
+        with self._start_lock:
+            if self._queue is None:
+                self._queue = JobQueue(self.runs_dir())
+                self.queue_held = self.queue_held or bool(self._queue.jobs())  # after a restart, nothing trains unasked
+            return self._queue
+
+    def enqueue(self, config: TrainConfig) -> QueuedJob:
+        """Queue a run after the others; it starts at once if nothing trains and the queue is not held.
+        ConfigError (naming output_name) if its output name is taken."""
+        with self._start_lock:
+            self._check_name(config)
+            if not self.queue.jobs():
+                self.queue_held = False  # a hold means something only while jobs wait
+            job = self.queue.add(config)
+            self._advance()
+            return job
+
+    def add_to_queue(self, values: dict) -> str:
+        """The tab's Add to queue; a message saying where the job stands."""
+        job = self.enqueue(fields.config_from_widgets(values))
+        state, names = self.snapshot(), [j.name for j in self.queue.jobs()]
+        if job.name not in names:
+            return f"{job.name} started: nothing else was training"
+        held = "; the queue is held: press Run queue (or Resume) to go on" if self.queue_held else ""
+        return f"queued {job.name}: job {names.index(job.name) + 1} of {len(names)}, after {state.name or 'the current run'}{held}"
+
+    def queued(self) -> list[QueuedJob]:
+        return self.queue.jobs()
+
+    def remove_queued(self, name: str) -> str:
+        return f"removed {self.queue.remove(name).name} from the queue"
+
+    def move_queued(self, name: str, offset: int) -> str:
+        names = [job.name for job in self.queue.move(name, offset)]
+        return f"{name} is now job {names.index(name) + 1} of {len(names)}"
+
+    def resume_queue(self) -> str:
+        """Release the hold; the next job starts now if nothing trains."""
+        with self._start_lock:
+            self.queue_held = False
+            self._advance()
+            waiting = len(self.queue.jobs())
+        if self._active():
+            return f"the queue goes on: {self.snapshot().name} is training, {waiting} job(s) wait"
+        return "the queue is empty"
+
+    def queue_view(self, *, ask: bool = True) -> QueueView:
+        """What the queue panel and the API show; empty when the runs folder is not known without the host and `ask` is off."""
+        if self._queue is None and self._folder("runs_dir", ask=ask) is None:
+            return QueueView([], False, list(self.history), [])
+        jobs = self.queue.jobs()
+        return QueueView(jobs, self.queue_held and bool(jobs), list(self.history), list(self.queue.problems))
+
+    def busy(self) -> bool:
+        """A run is active, or queued jobs are about to start: what the tab's progress poller follows."""
+        with self._start_lock:
+            return self._active() or (self._queue is not None and not self.queue_held and bool(self._queue.jobs()))
+
+    # --- runs and files on disk (the HTTP API)
+    def runs(self) -> list[RunInfo]:
+        state = self.snapshot()
+        return list_runs(self.runs_dir(), self.lora_dir(), state.name if state.active else None)
+
+    def outputs(self) -> dict[str, Path]:
+        """LoRA files in the Lora folder, by name."""
+        folder = self.lora_dir()
+        return find_lora_files([folder]) if folder.is_dir() else {}
 
     def _last_run_dir(self) -> Path | None:
         state = self.job.snapshot() if self.job else None
         return state.result.run_dir if state and state.result else None
 
     def interrupt(self) -> str:
+        """Ask the run to save and stop; the queue is held until Resume or Run queue."""
         if self.job is None or not self.job.interrupt():
             return "nothing is training"
-        return "interrupt requested: the trainer saves and stops at the next step"
+        self.queue_held = True
+        waiting = self._queue is not None and self._queue.jobs()
+        return "interrupt requested: the trainer saves and stops at the next step" + ("; the queue waits until you resume it" if waiting else "")
 
     def snapshot(self) -> JobState:
         return self.job.snapshot() if self.job else JobState()
 
-    def _model(self, what: str):
-        if not self.model_lock.acquire(blocking=False):
-            raise BusyError(f"the model is busy (training or generating); {what} can start when it is done, or interrupt the training")
+    def _model(self, what: str, wait: TrainingJob | None = None):
+        """The model lock, or BusyError; a queued job (`wait`) waits for its turn unless it is interrupted."""
+        if wait is None:
+            if not self.model_lock.acquire(blocking=False):
+                raise BusyError(f"the model is busy (training or generating); {what} can start when it is done, or interrupt the training")
+            return _Release(self.model_lock)
+        while not self.model_lock.acquire(timeout=LOCK_POLL_S):
+            if wait.stop_requested:
+                raise Cancelled()
+        if wait.stop_requested:
+            self.model_lock.release()
+            raise Cancelled()
         return _Release(self.model_lock)
 
     def use_model(self, what: str):

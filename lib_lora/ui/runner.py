@@ -26,6 +26,7 @@ ACTIVE = frozenset({"starting", "running", "stopping"})
 @dataclass
 class JobState:
     status: str = "idle"  # idle | starting | running | stopping | finished | interrupted | failed
+    name: str = ""  # the output name (a resumed run: its folder's name)
     plan: str = ""
     step: int = 0
     total_steps: int = 0
@@ -60,13 +61,19 @@ class JobState:
         return self.elapsed(now) / self.step * (self.total_steps - self.step)
 
 
-class TrainingJob:
-    """Runs `work(job)` in a daemon thread; `work` builds the host, attaches it, and calls `train`."""
+class Cancelled(Exception):
+    """Raised by `work` when the job was interrupted before training began (e.g. waiting for the model)."""
 
-    def __init__(self, work: Callable[["TrainingJob"], TrainResult], *, clock: Callable[[], float] = time.time):
-        self._work, self._clock = work, clock
+
+class TrainingJob:
+    """Runs `work(job)` in a daemon thread; `work` builds the host, attaches it, and calls `train`.
+    `on_end(job)` runs on that thread once the final state is set (the queue starts its next job there)."""
+
+    def __init__(self, work: Callable[["TrainingJob"], TrainResult], *, name: str = "", on_end: Callable[["TrainingJob"], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self._work, self._on_end, self._clock = work, on_end, clock
         self._lock = threading.Lock()
-        self._state = JobState()
+        self._state = JobState(name=name)
         self._log: deque[str] = deque(maxlen=LOG_LINES)
         self._host = None
         self._stop_requested = False
@@ -90,6 +97,9 @@ class TrainingJob:
     def _run(self) -> None:
         try:
             result = self._work(self)
+        except Cancelled:
+            self._append("interrupted before training began")
+            self._finish("interrupted")
         except (ConfigError, DatasetError, TrainingError) as e:
             self._finish("failed", error=str(e))
         except Exception as e:  # the thread's edge: report to the tab instead of dying silently
@@ -98,6 +108,8 @@ class TrainingJob:
             self._finish("failed", error=f"{type(e).__name__}: {e}")
         else:
             self._finish("interrupted" if result.interrupted else "finished", result=result)
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _finish(self, status: str, **changes) -> None:
         if changes.get("error"):
@@ -106,6 +118,10 @@ class TrainingJob:
             self._append(f"{status}: {changes['result'].final_path}")
         self._update(status=status, finished_at=self._clock(), **changes)
 
+    def set_name(self, name: str) -> None:
+        """The run's name once `work` knows it (resuming the last run)."""
+        self._update(name=name)
+
     def attach_host(self, host) -> None:
         """Called by `work` once the host exists, so Interrupt can reach it."""
         with self._lock:
@@ -113,6 +129,11 @@ class TrainingJob:
             stop = self._stop_requested
         if stop:
             host.interrupt()
+
+    @property
+    def stop_requested(self) -> bool:
+        with self._lock:
+            return self._stop_requested
 
     def interrupt(self) -> bool:
         """Ask the run to save and stop at the next step; False if nothing runs."""

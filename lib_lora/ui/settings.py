@@ -18,6 +18,8 @@ class TabSettings:
     # Where finished LoRAs are looked up for the comparison grid when no run has happened in this
     # session; None asks the host (which builds it: avoid where that is slow).
     lora_dir: Path | None = None
+    # Where run folders and the training queue (`<runs_dir>/queue/`) live; None asks the host (as lora_dir).
+    runs_dir: Path | None = None
     # Image captioners the host offers, by name (the webui: BLIP, deepbooru); empty = captioning disabled.
     captioners: Mapping[str, Callable[[Image.Image], str]] = field(default_factory=dict)
     # Held around everything that uses the model: training, the comparison grid, captioning.

@@ -1,8 +1,10 @@
-"""HTML for the run panel: step math and warnings, the progress bar with ETA (no Gradio here)."""
+"""HTML for the run panel: step math and warnings, the progress bar with ETA, the queue (no Gradio here)."""
 
 from html import escape
+from pathlib import Path
 
 from .planning import PlanSummary
+from .queue import QueueView
 from .runner import JobState
 
 SEPARATOR = " \u00b7 "
@@ -58,7 +60,7 @@ def progress_html(state: JobState, now: float | None = None) -> str:
     if state.result is not None and state.result.final_path:
         final = f'<div class="train-lora-final">Saved {escape(str(state.result.final_path))}</div>'
     return (f'<div class="train-lora-progress" data-status="{escape(state.status)}">'
-            f'<div class="train-lora-status"><b>{escape(title)}</b> {round(fraction * 100)}%</div>'
+            f'<div class="train-lora-status"><b>{escape(title)}</b> {escape(state.name)} {round(fraction * 100)}%</div>'
             f'<div class="train-lora-bar" style="background:rgba(128,128,128,.25);border-radius:4px;height:10px;overflow:hidden">'
             f'<div style="width:{fraction * 100:.1f}%;height:100%;background:#e8590c"></div></div>'
             f'<div class="train-lora-stats">{escape(SEPARATOR.join(stats))}</div>{error}{final}</div>')
@@ -75,3 +77,29 @@ def repeats_html(summary: PlanSummary) -> str:
     else:
         text = "Repeats from folder names: " + "; ".join(summary.repeats) + (f" = {summary.total_steps} steps" if summary.total_steps else "")
     return f'<div class="train-lora-note">{escape(text)}</div>'
+
+
+def queue_html(view: QueueView) -> str:
+    """The waiting jobs in order (with the options that tell them apart), whether the queue is held, and how runs ended."""
+    if view.jobs:
+        state = ("<b>Held</b>: the jobs wait until you press Run queue (or Resume a run)" if view.held
+                 else "They run in this order after the current run")
+        rows = "".join(f'<tr><td>{i}</td><td>{escape(job.name)}</td><td title="{escape(job.config.train_data_dir)}">'
+                       f"{escape(Path(job.config.train_data_dir).name)}</td><td>{escape(_job_options(job.config))}</td></tr>"
+                       for i, job in enumerate(view.jobs, 1))
+        parts = [f'<div class="train-lora-note">{len(view.jobs)} queued job(s). {state}.</div>'
+                 f'<table class="train-lora-table"><thead><tr><th>#</th><th>output name</th><th>dataset</th><th>options</th></tr></thead>'
+                 f"<tbody>{rows}</tbody></table>"]
+    else:
+        parts = ['<div class="train-lora-note">The queue is empty. Add to queue saves the current options as a job; it runs after the current run.</div>']
+    if view.done:
+        ended = SEPARATOR.join(f"{s.name or 'run'} {s.status}" + (f" ({s.error})" if s.error else "") for s in view.done[-5:])
+        parts.append(f'<div class="train-lora-queue-done">Ended: {escape(ended)}</div>')
+    if view.problems:
+        parts.append('<ul class="train-lora-warnings">' + _items(view.problems, "train-lora-warning") + "</ul>")
+    return '<div class="train-lora-queue">' + "".join(parts) + "</div>"
+
+
+def _job_options(config) -> str:
+    width, height = config.resolution
+    return f"{config.network_type} {config.network_dim}, {width}x{height}, {config.max_train_epochs} ep, batch {config.train_batch_size}"

@@ -19,7 +19,7 @@ from .chart import loss_chart_svg
 from .controller import BusyError, TabController
 from .prepare import CROP_MODES
 from .settings import TabSettings
-from .status import log_text, progress_html, repeats_html, summary_html
+from .status import log_text, progress_html, queue_html, repeats_html, summary_html
 from .tags import CAPTION_MODES
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
@@ -97,6 +97,11 @@ class TrainTab:
     def values(self, args) -> dict:
         return dict(zip(self.names, args))
 
+    @property
+    def watched(self) -> list:
+        """What `poll` yields to, in its order."""
+        return [self.progress, self.chart, self.samples, self.log, self.queue_view]
+
     # --- layout
     def build(self) -> gr.Blocks:
         with gr.Blocks(analytics_enabled=False) as blocks:
@@ -173,14 +178,29 @@ class TrainTab:
         self.summary = gr.HTML(summary_html(self.initial_summary), elem_id=self.id("summary"))
         with gr.Row():
             self.train = gr.Button("Train", variant="primary", elem_id=self.id("train"))
+            self.queue_add = gr.Button("Add to queue", elem_id=self.id("queue_add"))
             self.stop = gr.Button("Interrupt", variant="stop", elem_id=self.id("stop"))
             self.resume = gr.Button("Resume", elem_id=self.id("resume"))
             self.refresh = gr.Button("Refresh", elem_id=self.id("refresh"))
         self.run_dir = gr.Textbox(label="Run folder to resume", placeholder="(the last run)", elem_id=self.id("run_dir"))
         self.progress = gr.HTML(progress_html(self.c.snapshot()), elem_id=self.id("progress"))
+        self.build_queue()
         self.chart = gr.HTML(loss_chart_svg([]), elem_id=self.id("chart"))
         self.samples = gr.Gallery(label="Latest samples", columns=4, height=200, object_fit="contain", elem_id=self.id("samples"))
         self.log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, elem_id=self.id("log"))
+
+    def build_queue(self):
+        view = self.c.queue_view(ask=False)  # the webui's model may still be loading: no host for this
+        with gr.Accordion("Queue", open=True, elem_id=self.id("queue_group")):
+            self.queue_note = gr.HTML(elem_id=self.id("queue_note"))
+            self.queue_view = gr.HTML(queue_html(view), elem_id=self.id("queue"))
+            self.queue_job = gr.Dropdown(choices=[j.name for j in view.jobs], value=None, label="Queued job", allow_custom_value=True,
+                                         elem_id=self.id("queue_job"))
+            with gr.Row():
+                self.queue_up = gr.Button("Up", size="sm", elem_id=self.id("queue_up"))
+                self.queue_down = gr.Button("Down", size="sm", elem_id=self.id("queue_down"))
+                self.queue_remove = gr.Button("Remove", size="sm", elem_id=self.id("queue_remove"))
+                self.queue_run = gr.Button("Run queue", size="sm", elem_id=self.id("queue_run"))
 
     def build_after(self):
         with gr.Accordion("Compare epochs and keep one", open=False, elem_id=self.id("after")):
@@ -211,30 +231,37 @@ class TrainTab:
 
 
 def create_tab(host, settings: TabSettings | None = None) -> tuple[gr.Blocks, TabController, TrainTab]:
-    """The tab, its controller and widget holder (the standalone app adds its txt2img panel with them)."""
-    controller = TabController(host, settings)
+    """The tab, its controller and widget holder (the standalone app adds its txt2img panel with them).
+    `host` may be a TabController already made (the webui gives its HTTP API the same one)."""
+    controller = host if isinstance(host, TabController) else TabController(host, settings)
     tab = TrainTab(controller)
     return tab.build(), controller, tab
 
 
 def build_tab(host, settings: TabSettings | None = None) -> gr.Blocks:
-    """The Train LoRA tab. `host`: a Host, or a zero-argument factory called when the model is needed."""
+    """The Train LoRA tab. `host`: a Host, a zero-argument factory called when the model is needed, or a TabController."""
     return create_tab(host, settings)[0]
 
 
 def poll(tab: TrainTab):
-    """Generator for the run panel: yields until the job is no longer active (one yield when idle)."""
-    shown_samples, version = -1, -1
+    """Generator for the run panel (`tab.watched`): yields until no run is active and no queued job is about
+    to start (one yield when idle), so it follows the queue from one job to the next."""
+    shown_samples, version, shown_queue, job = -1, -1, None, None
     while True:
+        busy = tab.c.busy()  # before the snapshot: the last yield shows the state after the last run
         state = tab.c.snapshot()
+        if tab.c.job is not job:  # the queue's next job: its own samples and chart
+            job, shown_samples, version = tab.c.job, -1, -1
         samples = gr.update()
         if len(state.samples) != shown_samples:
             shown_samples = len(state.samples)
             samples = sample_images(state.samples)
         chart = loss_chart_svg(state.losses, state.total_steps, state.validation) if state.version != version else gr.update()
         version = state.version
-        yield progress_html(state), chart, samples, log_text(state)
-        if not state.active:
+        queue = queue_html(tab.c.queue_view(ask=False))
+        yield progress_html(state), chart, samples, log_text(state), (queue if queue != shown_queue else gr.update())
+        shown_queue = queue
+        if not busy:
             return
         time.sleep(tab.s.poll_seconds)
 

@@ -9,7 +9,7 @@ import gradio as gr
 from .controller import CompareRequest
 from .prepare import parse_size, prepare_folder
 from .report import report_html
-from .status import progress_html, repeats_html, summary_html
+from .status import progress_html, queue_html, repeats_html, summary_html
 from .tab import USER_ERRORS, TrainTab, listener_kwargs, note, poll, reporting
 from .tags import apply_tag_edits, parse_tag_edit, plan_tag_edits, preview_rows
 
@@ -26,6 +26,7 @@ def wire(tab: TrainTab) -> None:
     wire_options(tab)
     wire_prepare(tab)
     wire_run(tab)
+    wire_queue(tab)
     wire_after(tab)
 
 
@@ -112,11 +113,14 @@ def changes_html(changes) -> str:
             f'<table class="train-lora-table"><thead><tr><th>file</th><th>before</th><th>after</th></tr></thead><tbody>{rows}</tbody></table>{more}')
 
 
-def wire_run(tab: TrainTab) -> None:
-    watched = [tab.progress, tab.chart, tab.samples, tab.log]
-
+def watcher(tab: TrainTab):
     def watch():
         yield from poll(tab)
+    return watch
+
+
+def wire_run(tab: TrainTab) -> None:
+    watched, watch = tab.watched, watcher(tab)
 
     def start(*args):
         tab.c.start(tab.values(args))
@@ -137,6 +141,26 @@ def wire_run(tab: TrainTab) -> None:
         button.click(fn, inputs, [tab.progress], queue=False).then(watch, None, watched, **listener_kwargs()).then(list_files, tab.inputs, [tab.keep_file])
     tab.refresh.click(watch, None, watched, **listener_kwargs())
     tab.stop.click(interrupt, None, [tab.progress], queue=False)
+
+
+def wire_queue(tab: TrainTab) -> None:
+    """Add to queue, and the queue panel's Up / Down / Remove / Run queue on the chosen job."""
+    panel = [tab.queue_note, tab.queue_view, tab.queue_job]
+
+    def shown(message: str, kind: str = "info", selected=None):
+        names = [job.name for job in tab.c.queued()]
+        return note(message, kind), queue_html(tab.c.queue_view()), gr.update(choices=names, value=selected if selected in names else None)
+
+    failed = lambda message: (note(message, "error"), gr.update(), gr.update())  # noqa: E731
+    add = reporting(lambda *args: shown(tab.c.add_to_queue(tab.values(args))), failed)
+    tab.queue_add.click(add, tab.inputs, panel, queue=False).then(watcher(tab), None, tab.watched, **listener_kwargs())
+    for button, offset in ((tab.queue_up, -1), (tab.queue_down, 1)):
+        move = lambda name, offset=offset: shown(tab.c.move_queued(name or "", offset), selected=name)  # noqa: E731
+        button.click(reporting(move, failed), [tab.queue_job], panel, queue=False)
+    tab.queue_remove.click(reporting(lambda name: shown(tab.c.remove_queued(name or "")), failed), [tab.queue_job], panel, queue=False)
+    resume = reporting(lambda: shown(tab.c.resume_queue()), failed)
+    tab.queue_run.click(resume, None, panel, queue=False).then(watcher(tab), None, tab.watched, **listener_kwargs())
+    tab.queue_job.focus(lambda: gr.update(choices=[job.name for job in tab.c.queued()]), None, [tab.queue_job], queue=False, show_progress="hidden")
 
 
 def files_update(tab: TrainTab, values: dict):
