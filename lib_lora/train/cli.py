@@ -52,9 +52,12 @@ class ProgressBar:
 
 
 def run_train(args) -> None:
+    """Train in this process, or as one of N under `torchrun --nproc_per_node N` (data-parallel; process 0 reports)."""
     from ..hosts.standalone import StandaloneHost
+    from .distributed import device_for, from_environment
     from .trainer import train
 
+    distributed = from_environment()
     if args.resume:
         from .run_folder import RunFolder
 
@@ -63,11 +66,14 @@ def run_train(args) -> None:
         config = config_from_args(args)
         if not config.train_data_dir:
             raise ConfigError("train_data_dir: give the dataset folder (--train_data_dir DIR or in --config)")
-    host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir, parameterization="v" if config.v_parameterization else None)
+    host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir, device=device_for(distributed),
+                                    parameterization="v" if config.v_parameterization else None)
     if config.output_dir:
         host.lora_dir = Path(config.output_dir)
-    result = train(config, host, on_event=ProgressBar(), run_dir=args.resume, resume=bool(args.resume))
-    print(f"{'interrupted, saved' if result.interrupted else 'saved'} {result.final_path} (run folder {result.run_dir})")
+    progress = ProgressBar() if distributed.is_main else None
+    result = train(config, host, on_event=progress, run_dir=args.resume, resume=bool(args.resume), distributed=distributed)
+    if distributed.is_main:
+        print(f"{'interrupted, saved' if result.interrupted else 'saved'} {result.final_path} (run folder {result.run_dir})")
 
 
 def add_train_command(commands) -> None:

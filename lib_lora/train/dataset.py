@@ -80,6 +80,7 @@ class Batch:
     is_reg: torch.Tensor  # [B] bool
     masks: torch.Tensor | None  # [B, 1, h, w] or None
     size_info: torch.Tensor  # [B, 6]: original (h, w), crop (top, left), target (h, w); SDXL's size conditioning
+    batch_size: int = 0  # samples in the whole batch (B, or more when this process trains a share of it)
 
 
 def size_info(original: tuple[int, int], plan: FitPlan, flip: bool) -> list[int]:
@@ -111,12 +112,16 @@ class BatchEncoder:
             rng=rng,
         )
 
-    def latents(self, sample: Sample, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-        """Latent [4, h, w], with masked loss the alpha mask [1, H, W] fitted the same way, and the size info."""
+    def fit(self, sample: Sample, rng: random.Random) -> tuple[FitPlan, bool]:
+        """The random choices of how a sample is fitted to its bucket: resize + crop, and flip."""
         flip = should_flip(self.config.flip_aug, rng)
         resized = self.choices[sample.item].resized_size
-        plan = plan_fit(sample.item.size, sample.bucket, random_crop=self.config.random_crop, rng=rng, resized_size=resized)
+        return plan_fit(sample.item.size, sample.bucket, random_crop=self.config.random_crop, rng=rng, resized_size=resized), flip
+
+    def latents(self, sample: Sample, plan: FitPlan, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """Latent [4, h, w], with masked loss the alpha mask [1, H, W] fitted the same way, and the size info."""
         sizes = size_info(sample.item.size, plan, flip)
+        resized = plan.resized_size
         key = self.cache.key_for(sample.item, sample.bucket, plan.crop_box, flip, resized) if self.cache is not None else None
         latent = self.cache.get(key) if key else None
         if latent is not None and not self.config.masked_loss:
@@ -133,14 +138,21 @@ class BatchEncoder:
         mask = np.asarray(apply_fit(Image.fromarray(alpha), plan, flip), dtype=np.float32)
         return latent, torch.from_numpy(mask.clip(0, 1))[None], sizes
 
-    def encode(self, samples: list[Sample], rng: random.Random) -> Batch:
-        latents, masks, sizes = zip(*(self.latents(s, rng) for s in samples))
-        captions = [self.caption(s, rng) for s in samples]
+    def encode(self, samples: list[Sample], rng: random.Random, keep: slice = slice(None)) -> Batch:
+        """The batch's tensors, of the `keep` rows only (a process's shard); every sample's random choices
+        are drawn all the same, so the kept rows are what encoding the whole batch would give."""
+        batch_size = len(samples)
+        fits = [self.fit(s, rng) for s in samples]
+        captions = [self.caption(s, rng) for s in samples][keep]
+        samples, fits = samples[keep], fits[keep]
+        if not samples:  # a process whose share of a small last batch is empty
+            return Batch(torch.empty(0), [], torch.zeros(0, dtype=torch.bool), None, torch.zeros(0, 6), batch_size)
+        latents, masks, sizes = zip(*(self.latents(s, plan, flip) for s, (plan, flip) in zip(samples, fits)))
         latents = torch.stack(latents)
         mask = None
         if self.config.masked_loss:
             mask = torch.nn.functional.interpolate(torch.stack(masks), size=latents.shape[-2:], mode="area")
-        return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask, torch.tensor(sizes, dtype=torch.float32))
+        return Batch(latents, captions, torch.tensor([s.item.is_reg for s in samples]), mask, torch.tensor(sizes, dtype=torch.float32), batch_size)
 
 
 def plan_warnings(config: TrainConfig, data: TrainingData, model: BaseModel | None = None) -> list[str]:

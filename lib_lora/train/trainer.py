@@ -23,6 +23,7 @@ from .base_model import BaseModel
 from .config import TrainConfig
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
+from .distributed import Distributed
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
 from .run_folder import Progress, RunFolder
@@ -60,9 +61,12 @@ class TrainResult:
     last_loss: float | None
 
 
-def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] | None = None, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
+def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] | None = None, run_dir: Path | None = None, resume: bool = False,
+          distributed: Distributed = Distributed()) -> TrainResult:
     """Train a LoRA/LoCon on `host` as `config` says; resume=True continues the run in run_dir."""
     def emit(event: TrainEvent) -> None:
+        if not distributed.is_main:
+            return  # under torchrun, process 0 reports for all
         host.report(event)  # the host's own progress display (the webui's job state)
         if on_event is not None:
             on_event(event)
@@ -71,7 +75,10 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     run_dir = Path(run_dir or host.runs_dir / config.output_name)
     if not resume:
         check_output_free(config, host)
-    run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config, host.arch)
+    if resume or not distributed.is_main:
+        run = RunFolder.open(run_dir) if resume else RunFolder(run_dir)  # only process 0 creates and writes it
+    else:
+        run = RunFolder.create(run_dir, config, host.arch)
     if resume:
         run.check_architecture(host.arch)
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
@@ -97,7 +104,7 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         keep_freed_memory()  # a fifth of a CPU step was page faults (see cpu_memory.py)
     try:
         with network:  # hooks live only inside; removed even on errors
-            return _run(config, host, data, network, run, resume, emit)
+            return _run(config, host, data, network, run, resume, emit, distributed)
     finally:
         host.set_gradient_checkpointing(False)
         torch.set_rng_state(outer_rng)
@@ -148,13 +155,13 @@ def _set_lr(optimizer, config: TrainConfig, step: int, total: int) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool, emit) -> TrainResult:
+def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool, emit, distributed: Distributed) -> TrainResult:
     data_rng, noise_rng = _seeded_rngs(config)
     optimizer = _make_optimizer(config, network, host)
     progress = run.load_state(network, optimizer, data_rng, noise_rng) if resume and run.has_state() else Progress()
-    if resume:
+    if resume and distributed.is_main:
         run.truncate_log(progress.global_step)
-    saver = LoraSaver(config, host, data, run)
+    saver = LoraSaver(config, host, data, run) if distributed.is_main else None
     encoder = BatchEncoder(host, config, data.choices, run.path / "latents" if config.cache_latents_to_disk else None)
     scaler = _grad_scaler(config, host)
     text_cache = {} if _can_cache_text(config) else None
@@ -166,32 +173,40 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
         batches = epoch_batches(data, config, progress.epoch)
         accumulate = config.gradient_accumulation_steps
         for index in range(progress.batch_in_epoch, len(batches)):
-            batch = encoder.encode(batches[index], data_rng)
-            loss = _loss(config, host, schedule, batch, noise_rng, text_cache)
-            if not math.isfinite(loss.item()):
-                raise TrainingError(f"loss became {loss.item()} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path or 'no file yet'}. Lower the learning rate or use fp32/bf16.")
-            scaler.scale(loss / accumulate).backward()
+            samples = batches[index]
+            rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
+            batch = encoder.encode(samples, data_rng, rows)
+            noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
+            loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache) if len(batch.captions) else None
+            batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
+            if not math.isfinite(batch_loss):
+                raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
+            if loss is not None:
+                scaler.scale(loss / accumulate).backward()
             progress.batch_in_epoch = index + 1
             if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
                 continue
             lr = _set_lr(optimizer, config, progress.global_step, total)
+            distributed.sum_gradients(list(network.parameters()))
             _optimizer_step(config, network, optimizer, scaler)
             progress.global_step += 1
-            last_loss = loss.item()
+            last_loss = batch_loss
             losses.append(last_loss)
             now = time.perf_counter()
             event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, sum(losses) / len(losses), lr, 1 / max(now - tick, 1e-9))
             tick = now
-            run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
-            emit(event)
-            _step_hooks(config, host, network, run, saver, progress, emit)
-            if host.interrupted():
+            if distributed.is_main:
+                run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
+                emit(event)
+                _step_hooks(config, host, network, run, saver, progress, emit)
+            if distributed.any(host.interrupted()):
                 return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=True)
             if progress.global_step >= total:
                 break
         if progress.batch_in_epoch >= len(batches):
             progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
+            if distributed.is_main:
+                _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
     return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=False)
 
 
@@ -243,15 +258,21 @@ def _predict(host, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Condition
     return host.unet(noisy.to(host.dtype), timesteps, context, y)
 
 
-def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, noise_rng: torch.Generator, text_cache) -> torch.Tensor:
-    """One micro-batch: noise the latents at random timesteps, predict, weighted MSE against the target."""
-    latents = batch.latents.to(host.device)
-    noise = torch.randn(latents.shape, generator=noise_rng).to(host.device)
+def _draw_noise(config: TrainConfig, latent_shape: torch.Size, batch_size: int, noise_rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and timesteps of a whole batch (every process draws them all and keeps its rows)."""
+    noise = torch.randn((batch_size, *latent_shape), generator=noise_rng)
     if config.noise_offset:
         noise = offset_noise(noise, config.noise_offset, noise_rng)
     if config.multires_noise_iterations:
         noise = pyramid_noise(noise, config.multires_noise_iterations, config.multires_noise_discount, noise_rng)
-    timesteps = torch.randint(config.min_timestep, config.max_timestep, (latents.shape[0],), generator=noise_rng)
+    return noise, torch.randint(config.min_timestep, config.max_timestep, (batch_size,), generator=noise_rng)
+
+
+def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, text_cache) -> torch.Tensor:
+    """One micro-batch (or a process's rows of it): noise the latents, predict, weighted MSE against the target,
+    summed over the rows and divided by the whole batch's size (one process: the mean)."""
+    latents = batch.latents.to(host.device)
+    noise = noise.to(host.device)
     alphas = schedule.alphas_cumprod
     noisy = add_noise(latents, noise, alphas.to(host.device), timesteps.to(host.device))
     with _autocast(config, host):
@@ -262,7 +283,7 @@ def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, nois
     weights = torch.where(batch.is_reg, config.prior_loss_weight, 1.0).to(host.device)
     if config.min_snr_gamma:
         weights = weights * min_snr_weight(alphas, timesteps, config.min_snr_gamma, schedule.parameterization).to(host.device)
-    return (per_sample * weights).mean()
+    return (per_sample * weights).sum() / batch.batch_size
 
 
 def _optimizer_step(config: TrainConfig, network, optimizer, scaler) -> None:
@@ -298,7 +319,9 @@ def _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, d
 
 
 def _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, *, interrupted: bool) -> TrainResult:
-    """Save the resumable state and the LoRA (final, or a step-named one when interrupted)."""
+    """Save the resumable state and the LoRA (final, or a step-named one when interrupted); process 0 only."""
+    if saver is None:
+        return TrainResult(run.path, None, progress.global_step, interrupted, last_loss)
     run.save_state(progress, network, optimizer, data_rng, noise_rng)
     path = saver.save_intermediate(network, progress, by_step=True) if interrupted else saver.save_final(network, progress)
     emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
