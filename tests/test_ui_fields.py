@@ -49,3 +49,13 @@ def test_a_bad_value_is_a_config_error_naming_the_field():
         fields.config_from_widgets({**values, "resolution": "500"})
     with pytest.raises(ConfigError, match="network_dim"):
         fields.config_from_widgets({**values, "network_dim": 0})
+
+
+def test_lycoris_options_sit_with_the_network_options():
+    """network_type offers LoHa and LoKr; lokr_factor (a number) and dora_wd (a switch) follow the ranks."""
+    group = fields.layout()["Network"]["Network"]
+    assert group.index("lokr_factor") > group.index("conv_alpha") and "dora_wd" in group
+    specs = fields.field_specs()
+    assert specs["network_type"].choices == ("lora", "locon", "loha", "lokr")
+    assert (specs["lokr_factor"].kind, specs["lokr_factor"].default) == ("int", -1)
+    assert (specs["dora_wd"].kind, specs["dora_wd"].default) == ("checkbox", False)

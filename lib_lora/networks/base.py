@@ -2,8 +2,10 @@
 
 An algorithm subclass (lora.py, loha.py, lokr.py) declares `algo`, its `required_keys` and
 `optional_keys` (the part of each file key after the module name) and implements only the math:
-`delta_weight`, `delta_shape`, `from_tensors` and, where it has a cheaper form, `forward_delta`.
-Hooking onto a host layer, dtype handling, module dropout and validation of file tensors live here.
+`delta_weight`, `delta_shape`, `from_tensors`, `for_layer` (a fresh trainable module) and, where it
+has a cheaper form than building ΔW, `bypass_delta`. Hooking onto a host layer, dtype handling,
+module dropout, validation of file tensors and DoRA (an optional `dora_scale` on any algorithm,
+lora-format.md §7.4) live here.
 
 The host layer is held outside the module tree (`self.__dict__`), so `state_dict()` is exactly the
 file's tensors for this module and the host's own parameters, names and state dict are untouched:
@@ -18,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..models.open_clip_text import FusedSlice
 from .errors import LoraFormatError
-from .functional import apply_weight, flat_shape, lora_scale
+from .functional import apply_weight, dora_norm, dora_weight, flat_shape, lora_scale
 
 
 def layer_kind(layer: nn.Module) -> str | None:
@@ -53,7 +55,7 @@ class AdapterModule(nn.Module):
 
     algo: ClassVar[str]
     required_keys: ClassVar[frozenset[str]]
-    optional_keys: ClassVar[frozenset[str]] = frozenset({"alpha"})
+    optional_keys: ClassVar[frozenset[str]] = frozenset({"alpha", "dora_scale"})
 
     def __init__(self, lora_name: str):
         super().__init__()
@@ -63,6 +65,7 @@ class AdapterModule(nn.Module):
         self.__dict__["host"] = None  # not registered: the host's parameters stay out of our state dict
         self._handle: RemovableHandle | None = None
         self._scale: float | None = None
+        self.register_parameter("dora_scale", None)  # DoRA's magnitude m, file key `<name>.dora_scale`
         self.register_load_state_dict_post_hook(self._forget_scale)
 
     # ---- math, per algorithm -------------------------------------------------------------------
@@ -94,10 +97,47 @@ class AdapterModule(nn.Module):
         """scale·ΔW in the target weight's `shape` (strength not included), in the adapter's dtype."""
         raise NotImplementedError
 
+    def weight_delta(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """What this module adds to the host weight `weight` (W0) at `strength`, fp32 on W0's device.
+
+        strength·scale·ΔW; with DoRA strength·(W_d − W0), W_d = m ⊙ V / ‖V‖ and V = W0 + scale·ΔW: the
+        webui's `network.py` (finalize_updown + apply_weight_decompose) and ComfyUI's strength rule.
+        """
+        delta = self.delta_weight(weight.shape).to(weight.device, torch.float32)
+        if self.dora_scale is None:
+            return delta * strength
+        w0 = weight.detach().float()  # the frozen base weight, in fp32 whatever the host's dtype
+        return (dora_weight(w0, delta, self.dora_scale.to(w0.device)) - w0) * strength
+
     def forward_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
-        """strength·scale·ΔW applied to `x` as the host layer would apply a weight (its conv stride/padding)."""
+        """strength·(what this module adds to the host's weight) applied to `x` as the host layer applies a weight.
+
+        DoRA needs the whole adapted weight (its norms), so it goes through `weight_delta` (as LyCORIS's
+        forward does); otherwise through the algorithm's `bypass_delta`.
+        """
+        if self.dora_scale is None:
+            return self.bypass_delta(x, layer, strength)
+        weight = self.weight_delta(layer.weight, strength).to(device=x.device, dtype=x.dtype)
+        return apply_weight(x, weight, **conv_geometry(layer))
+
+    def bypass_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
+        """strength·scale·ΔW applied to `x`; algorithms with a form that never builds ΔW override this."""
         weight = self.delta_weight(layer.weight.shape).to(device=x.device, dtype=x.dtype)
         return apply_weight(x, weight * strength if strength != 1.0 else weight, **conv_geometry(layer))
+
+    # ---- DoRA, shared ------------------------------------------------------------------------------
+    def init_dora(self, layer: nn.Module, on_output: bool = False) -> None:
+        """Train a magnitude too (DoRA): m starts as W0's norms, so the untrained module changes nothing.
+
+        Input-axis ([1, in(, 1, 1)]) by default: the orientation the webui 1.10.1 applies (README, DoRA).
+        """
+        w0 = layer.weight.detach().float()
+        self.dora_scale = nn.Parameter(dora_norm(w0, on_output))
+
+    def load_dora(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take a file's `dora_scale` (if any) as the frozen magnitude."""
+        if (magnitude := tensors.get("dora_scale")) is not None:
+            self.dora_scale = nn.Parameter(magnitude.float(), requires_grad=False)
 
     @classmethod
     def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "AdapterModule":
@@ -121,6 +161,9 @@ class AdapterModule(nn.Module):
         alpha = tensors.get("alpha")
         if alpha is not None and alpha.numel() != 1:
             raise LoraFormatError(f"{name}.alpha: must be a scalar, has shape {tuple(alpha.shape)}")
+        magnitude = tensors.get("dora_scale")
+        if magnitude is not None and (magnitude.dim() not in (2, 4) or 1 not in magnitude.shape[:2] or set(magnitude.shape[2:]) - {1}):
+            raise LoraFormatError(f"{name}.dora_scale: must be [out, 1(, 1, 1)] or [1, in(, 1, 1)], has shape {tuple(magnitude.shape)}")
 
     @staticmethod
     def check_ndim(name: str, key: str, t: torch.Tensor, ndims: tuple[int, ...]) -> None:
@@ -144,6 +187,11 @@ class AdapterModule(nn.Module):
                 f"{self.lora_name}: its delta weight is [{out}, {flat_in}] (out, in·kh·kw) but the layer's weight "
                 f"{tuple(layer.weight.shape)} needs [{want_out}, {want_in}]; the file is for another model"
             )
+        if self.dora_scale is not None:
+            shape, out, inp = tuple(self.dora_scale.shape[:2]), *layer.weight.shape[:2]
+            if shape not in ((out, 1), (1, inp)):
+                raise LoraFormatError(f"{self.lora_name}.dora_scale: has shape {tuple(self.dora_scale.shape)}; the layer's "
+                                      f"weight {tuple(layer.weight.shape)} needs [{out}, 1] (output-axis) or [1, {inp}] (input-axis)")
 
     # ---- injection, shared -----------------------------------------------------------------------
     def bind(self, layer: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Pure math of the adapter algorithms: scales, delta weights, conv reshapes, Kronecker and Tucker products.
+"""Pure math of the adapter algorithms: scales, delta weights, conv reshapes, Kronecker and Tucker products, DoRA.
 
 No modules, configuration or I/O: tensors in, tensors out, each formula written once. Sources:
 lora-format.md §2 and §7 (paraphrasing kohya `networks/lora.py`, LyCORIS `lycoris/functional/*.py`)
@@ -7,6 +7,7 @@ network_lokr.py, lyco_helpers.py}`, whose math the delta weights here must equal
 """
 
 from collections.abc import Sequence
+from math import isqrt
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,37 @@ def loha_delta_weight(
 
     With Tucker cores t1/t2 each factor is `rebuild_tucker_factor(t, w_a, w_b)` instead.
     """
+    if t1 is None and t2 is None:
+        return hadamard_product(*w1, *w2).reshape(out_shape) * lora_scale(alpha, w1[1].shape[0])
     f1 = rebuild_conventional(*w1, out_shape) if t1 is None else rebuild_tucker_factor(t1, *w1).reshape(out_shape)
     f2 = rebuild_conventional(*w2, out_shape) if t2 is None else rebuild_tucker_factor(t2, *w2).reshape(out_shape)
     return f1 * f2 * lora_scale(alpha, w1[1].shape[0])
+
+
+class _HadamardProduct(torch.autograd.Function):
+    """(a1 @ b1) ⊙ (a2 @ b2) that keeps only the four factors for backward, not the two [out, in] products.
+
+    LyCORIS `functional/loha.py` (HadaWeight) does the same: the products are rebuilt in backward,
+    which costs two small matmuls and saves two weight-sized tensors per LoHa layer while training.
+    """
+
+    @staticmethod
+    def forward(ctx, a1, b1, a2, b2):
+        ctx.save_for_backward(a1, b1, a2, b2)
+        return (a1 @ b1) * (a2 @ b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a1, b1, a2, b2 = ctx.saved_tensors
+        g1 = grad * (a2 @ b2)  # d/d(a1 @ b1)
+        g2 = grad * (a1 @ b1)  # d/d(a2 @ b2)
+        return g1 @ b1.T, a1.T @ g1, g2 @ b2.T, a2.T @ g2
+
+
+def hadamard_product(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """(a1 @ b1) ⊙ (a2 @ b2) as [out, in·kh·kw]: a [out, r], b [r, in(, kh, kw)] flattened (LoHa without Tucker)."""
+    flat = [t.reshape(t.shape[0], -1) for t in (a1, b1, a2, b2)]
+    return _HadamardProduct.apply(*flat)
 
 
 def kron_product(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -99,6 +128,72 @@ def lokr_delta_weight(
     `rank` is None when both factors are full matrices (the webui then ignores alpha).
     """
     return kron_product(w1, w2).reshape(out_shape) * lora_scale(alpha, rank)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m·n = dimension, m <= n: LoKr's split of a layer dimension (LyCORIS `functional/general.py`).
+
+    A positive `factor` that divides the dimension is used as it is (128, 8 -> (8, 16)); otherwise m is
+    the largest divisor up to sqrt(dimension) and up to `factor` (-1: no bound, the most balanced split:
+    320 -> (16, 20), 1280 -> (32, 40), 127 -> (1, 127)).
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return min(m, n), max(m, n)
+    limit = dimension if factor < 0 else factor
+    m = max((d for d in range(1, isqrt(dimension) + 1) if dimension % d == 0 and d <= limit), default=1)
+    return m, dimension // m
+
+
+def kron_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """x through kron(W1, W2) without building it (LyCORIS's LoKr bypass forward); W1 [a, c], W2 [b, d(, kh, kw)].
+
+    Linear: with x's features viewed as X [c, d], kron(W1, W2)·x is W1 · X · W2ᵀ, [a, b] flattened.
+    Conv: each of the c groups of d input channels goes through the conv W2 ([B·c, d, H, W] -> [B·c, b, H', W']),
+    then W1 mixes the groups: output channel i·b + j = Σ_k W1[i, k]·conv(x_k, W2)[j].
+    """
+    a, c = w1.shape
+    if w2.dim() == 2:  # [b, d]
+        h = x.unflatten(-1, (c, -1)) @ w2.T  # [..., c, b]
+        return torch.matmul(w1, h).flatten(-2)  # [..., a, b] -> [..., a·b]
+    batch = x.shape[0]
+    h = F.conv2d(x.reshape(batch * c, -1, *x.shape[2:]), w2, None, stride, padding, dilation)  # [B·c, b, H', W']
+    h = h.view(batch, c, *h.shape[1:])  # [B, c, b, H', W']
+    return torch.einsum("ik,nkjhw->nijhw", w1, h).flatten(1, 2)  # [B, a·b, H', W']
+
+
+def dora_norm(weight: torch.Tensor, on_output: bool) -> torch.Tensor:
+    """‖W‖ per output row, shaped [out, 1(, 1, 1)], or per input column, [1, in(, 1, 1)] (lora-format.md §7.4).
+
+    Input-axis is what the webui 1.10.1 computes (`network.py` apply_weight_decompose: the norm over
+    out, kh, kw for each input channel); output-axis is LyCORIS >= 3.2's default and the DoRA paper's.
+    """
+    ones = [1] * (weight.dim() - 1)
+    if on_output:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *ones)
+    return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).reshape(weight.shape[1], *ones).transpose(0, 1)
+
+
+def dora_on_output(magnitude: torch.Tensor, weight_shape: Sequence[int]) -> bool:
+    """The orientation a `dora_scale` of this shape has on a weight of `weight_shape` (lora-format.md §7.4 reader rule).
+
+    [out, 1, ...] is output-axis, [1, in, ...] input-axis (ComfyUI's test: the first dim equals out).
+    """
+    return magnitude.shape[0] == weight_shape[0] and magnitude.shape[1] == 1
+
+
+def dora_weight(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """W_d = m ⊙ V / (‖V‖ + ε), V = W0 + scale·ΔW (Liu et al. 2024; LyCORIS `apply_weight_decompose`).
+
+    `magnitude` is the file's `dora_scale`; its shape gives the axis of the norm (`dora_on_output`). It
+    is reshaped to V's number of dims, so a 4-D [1, in, 1, 1] serves a Linear and 2-D a 1×1 conv. ε is
+    float32's, as LyCORIS adds it in training. The norm is not detached: LyCORIS trains through it
+    (the paper detaches it to save memory).
+    """
+    v = w0 + delta
+    on_output = dora_on_output(magnitude, v.shape)
+    m = magnitude.reshape(*magnitude.shape[:2], *[1] * (v.dim() - 2))  # [out, 1(, 1, 1)] or [1, in(, 1, 1)]
+    return v * (m / (dora_norm(v, on_output) + torch.finfo(torch.float32).eps))
 
 
 def apply_weight(

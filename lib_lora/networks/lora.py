@@ -5,7 +5,8 @@ conv with the host's kernel, stride and padding ([r, in, kh, kw], a 1×1 for SD1
 a 3×3 for LoCon) and up a 1×1 conv [out, r, 1, 1]. LyCORIS's Tucker LoCon adds `lora_mid`
 [r, r, kh, kw] between a 1×1 down and the 1×1 up. Training follows kohya: down Kaiming-uniform, up
 zero (an untrained module adds exactly 0), neuron dropout on down(x), rank dropout with a
-1/(1-p) rescale, module dropout (in the base class).
+1/(1-p) rescale, module dropout (in the base class). With `dora_wd` the module also trains DoRA's
+magnitude (base class); its forward is then weight-based and takes no neuron or rank dropout.
 """
 
 import math
@@ -32,7 +33,7 @@ class LoRAModule(AdapterModule):
 
     algo = "lora"
     required_keys = frozenset({"lora_down.weight", "lora_up.weight"})
-    optional_keys = frozenset({"alpha", "lora_mid.weight"})
+    optional_keys = frozenset({"alpha", "lora_mid.weight", "dora_scale"})
 
     def __init__(self, lora_name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None,
                  mid: torch.Tensor | None = None, trainable: bool = True):
@@ -46,9 +47,9 @@ class LoRAModule(AdapterModule):
 
     @classmethod
     def for_layer(cls, lora_name: str, layer: nn.Module, rank: int, alpha: float | None, *,
-                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, dora_wd: bool = False,
                   device: torch.device | str | None = None) -> "LoRAModule":
-        """A fresh trainable module for `layer`, fp32; alpha None or 0 means alpha = rank (kohya)."""
+        """A fresh trainable module for `layer`, fp32; alpha None or 0 means alpha = rank (kohya); DoRA if `dora_wd`."""
         device = layer.weight.device if device is None else device
         out_features, in_features = layer.weight.shape[:2]
         kernel = tuple(layer.weight.shape[2:])  # () for Linear, (kh, kw) for Conv2d
@@ -58,6 +59,8 @@ class LoRAModule(AdapterModule):
         alpha = float(rank) if not alpha else float(alpha)
         module = cls(lora_name, down, up, torch.tensor(alpha, device=device))
         module.dropout, module.rank_dropout, module.module_dropout = dropout, rank_dropout, module_dropout
+        if dora_wd:
+            module.init_dora(layer)
         module.bind(layer)
         return module
 
@@ -77,7 +80,9 @@ class LoRAModule(AdapterModule):
             cls.check_dim_equal(name, "lora_mid.weight", mid.shape[1], rank, "its rank (dim 1)")
         alpha = tensors.get("alpha")
         alpha = None if alpha is None else alpha.detach().float().reshape(())
-        return cls(name, down.float(), up.float(), alpha, None if mid is None else mid.float(), trainable=False)
+        module = cls(name, down.float(), up.float(), alpha, None if mid is None else mid.float(), trainable=False)
+        module.load_dora(tensors)
+        return module
 
     @property
     def rank(self) -> int:
@@ -102,7 +107,7 @@ class LoRAModule(AdapterModule):
             return [(_as_conv(self.lora_down.weight), host), (_as_conv(self.lora_up.weight), {})]
         return [(_as_conv(self.lora_down.weight), {}), (self.lora_mid.weight, host), (_as_conv(self.lora_up.weight), {})]
 
-    def forward_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
+    def bypass_delta(self, x: torch.Tensor, layer: nn.Module, strength: float = 1.0) -> torch.Tensor:
         """strength·scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
         (down, down_geo), *rest = self._factors(layer)
         h, scale = self._hidden(apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo), layer, strength)
@@ -112,7 +117,7 @@ class LoRAModule(AdapterModule):
         return h
 
     def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
-        """output + forward_delta(x), fused for plain LoRA on Linear and 1×1-conv hosts.
+        """output + forward_delta(x), fused for plain LoRA (no Tucker core, no DoRA) on Linear and 1×1-conv hosts.
 
         The up projection and the sum are one addmm/baddbmm with the scale as its alpha (one layer-wide
         pass, no separate add or multiply), and a 1×1 down projection is a matmul rather than a
@@ -122,7 +127,7 @@ class LoRAModule(AdapterModule):
         """
         kind = layer_kind(layer)
         plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
-        if self.lora_mid is not None or not (kind == "linear" or plain_conv):
+        if self.lora_mid is not None or self.dora_scale is not None or not (kind == "linear" or plain_conv):
             return super().add_delta(x, layer, output, strength)
         x = x.to(output.dtype)  # under autocast a layer may take fp32 in and give fp16 out
         down = self.lora_down.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [r, in]

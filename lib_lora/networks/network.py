@@ -1,9 +1,11 @@
-"""A trainable LoRA/LoCon network over a UNet and a text encoder (kohya `networks/lora.py` LoRANetwork).
+"""A trainable LoRA/LoCon/LoHa/LoKr network over a UNet and a text encoder (kohya `networks/lora.py`
+LoRANetwork; LyCORIS's kohya wrapper `lycoris/kohya.py` for LoHa, LoKr and DoRA).
 
 Each adapter is registered under its kohya name, so `state_dict()` has exactly the file's keys
-(`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`) and `load_state_dict` resumes
-from a file. The adapters hook the host layers (`apply_to`/`remove`, or `with network:`); the host
-models' parameters, names and state dicts never change, so this works on the webui's model too.
+(`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`; `.hada_w1_a`...; `.lokr_w1`...;
+`.dora_scale`) and `load_state_dict` resumes from a file. The adapters hook the host layers
+(`apply_to`/`remove`, or `with network:`); the host models' parameters, names and state dicts never
+change, so this works on the webui's model too.
 """
 
 from collections.abc import Iterator, Sequence
@@ -11,15 +13,22 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..models.open_clip_text import FusedSlice
+from .base import AdapterModule
 from .errors import NetworkConfigError
+from .loha import LoHaModule
+from .lokr import LoKrModule
 from .lora import LoRAModule
 from .targets import Target, TextModel, as_text_models, num_res_blocks_of, text_targets, unet_targets
+
+ALGOS = ("lora", "loha", "lokr")
 
 
 class LoraNetwork(nn.Module):
     """The adapters of one training run; text-encoder modules first, then UNet, as kohya orders them."""
 
-    def __init__(self, text_modules: list[LoRAModule], unet_modules: list[LoRAModule], network_args: dict[str, str]):
+    def __init__(self, text_modules: list[AdapterModule], unet_modules: list[AdapterModule], network_args: dict[str, str],
+                 network_module: str = "networks.lora"):
         super().__init__()
         for module in [*text_modules, *unet_modules]:
             if module.lora_name in self._modules:
@@ -28,6 +37,7 @@ class LoraNetwork(nn.Module):
         self._text_names = [m.lora_name for m in text_modules]
         self._unet_names = [m.lora_name for m in unet_modules]
         self._network_args = dict(network_args)
+        self.network_module = network_module  # kohya's `--network_module`, for ss_network_module
         self._multiplier = 1.0
 
     @property
@@ -41,7 +51,7 @@ class LoraNetwork(nn.Module):
         for module in self.adapters():
             module.multiplier = self._multiplier
 
-    def adapters(self) -> Iterator[LoRAModule]:
+    def adapters(self) -> Iterator[AdapterModule]:
         for name in [*self._text_names, *self._unet_names]:
             yield self._modules[name]
 
@@ -81,7 +91,15 @@ class LoraNetwork(nn.Module):
         raise RuntimeError("LoraNetwork is not called; apply_to() hooks it into the UNet and text encoder")
 
 
-def _check_args(network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout) -> None:
+def _check_args(algo, network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, dora_wd,
+                lokr_factor) -> None:
+    if algo not in ALGOS:
+        raise NetworkConfigError(f"algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+    if (algo != "lora" or dora_wd) and (dropout or rank_dropout):
+        raise NetworkConfigError(f"dropout and rank_dropout act on LoRA's hidden ranks: not with {'DoRA' if dora_wd else algo}, "
+                                 f"whose forward is weight-based (use module_dropout)")
+    if lokr_factor != -1 and lokr_factor < 2:
+        raise NetworkConfigError(f"lokr_factor must be -1 (balanced) or at least 2, got {lokr_factor!r}")
     for name, value in (("network_dim", network_dim), ("conv_dim", conv_dim)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise NetworkConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -93,22 +111,41 @@ def _check_args(network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_
             raise NetworkConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
-def _network_args(conv_dim, conv_alpha, rank_dropout, module_dropout) -> dict[str, str]:
-    """The pairs kohya users pass as `--network_args` (network dim/alpha/dropout have their own ss_ keys)."""
+def network_module_and_args(algo, conv_dim, conv_alpha, rank_dropout, module_dropout, dora_wd=False,
+                            lokr_factor=-1) -> tuple[str, dict[str, str]]:
+    """kohya's `--network_module` and the `--network_args` pairs that rebuild this network (lora-format.md §8.1).
+
+    Plain LoRA/LoCon is kohya's `networks.lora`; LoHa, LoKr and anything with DoRA is LyCORIS's
+    `lycoris.kohya` with `algo` (`lora` without 3×3 convs, on LyCORIS's `attn-mlp` preset; `locon`
+    with them), `factor`, `dora_wd` and `wd_on_output` (False: our input-axis DoRA) as LyCORIS reads them.
+    Network dim/alpha/dropout have their own ss_ keys.
+    """
     args = {}
+    lycoris = algo != "lora" or dora_wd
+    if lycoris:
+        args["algo"] = algo if algo != "lora" else ("locon" if conv_dim is not None else "lora")
+        if conv_dim is None:
+            args["preset"] = "attn-mlp"
     if conv_dim is not None:
         args |= {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
+    if algo == "lokr":
+        args["factor"] = str(lokr_factor)
+    if lycoris:
+        args["dora_wd"] = str(bool(dora_wd))
+    if dora_wd:
+        args["wd_on_output"] = "False"
     if rank_dropout:
         args["rank_dropout"] = str(rank_dropout)
     if module_dropout:
         args["module_dropout"] = str(module_dropout)
-    return args
+    return ("lycoris.kohya" if lycoris else "networks.lora"), args
 
 
 def make_network(
     unet: nn.Module | None,
     text_encoder: nn.Module | Sequence[TextModel] | None,
     *,
+    algo: str = "lora",
     network_dim: int = 4,
     network_alpha: float = 1.0,
     conv_dim: int | None = None,
@@ -116,30 +153,49 @@ def make_network(
     dropout: float = 0.0,
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
+    dora_wd: bool = False,
+    lokr_factor: int = -1,
     train_unet: bool = True,
     train_text_encoder: bool = True,
     device: torch.device | str | None = None,
 ) -> LoraNetwork:
-    """A fresh LoRA (conv_dim None) or LoCon (conv_dim set) network with kohya's defaults and targets.
+    """A fresh network with kohya's defaults and targets: `algo` lora (LoRA, or LoCon with conv_dim), loha or lokr.
 
     `text_encoder` is SD1's encoder module, or the host's `TextModel` list (SD2, SDXL's two encoders).
-    Linear and 1×1-conv layers get rank `network_dim`/`network_alpha`; 3×3 convs (LoCon only) get
-    `conv_dim`/`conv_alpha` (default 1, as kohya). `device` defaults to each host layer's device;
-    adapters are fp32 whatever the host's dtype. Not yet applied: call `apply_to()` or use `with`.
+    Linear and 1×1-conv layers get rank `network_dim`/`network_alpha`; 3×3 convs (only with conv_dim:
+    kohya's LoCon targets, which LyCORIS's `full` preset also has) get `conv_dim`/`conv_alpha` (default 1,
+    as kohya). `lokr_factor` splits LoKr's dimensions (LyCORIS `factor`). `dora_wd` adds DoRA's magnitude
+    to every adapter but those on OpenCLIP's fused q/k/v (see `_wants_dora`). `device` defaults to each
+    host layer's device; adapters are fp32 whatever the host's dtype. Not yet applied: call `apply_to()`
+    or use `with`.
     """
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = 1.0
-    _check_args(network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout)
+    _check_args(algo, network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, dora_wd, lokr_factor)
     text_models = as_text_models(text_encoder)
     use_unet, use_text = unet is not None and train_unet, bool(text_models) and train_text_encoder
     if not (use_unet or use_text):
         raise NetworkConfigError("nothing to train: no UNet (or train_unet=False) and no text encoder (or train_text_encoder=False)")
-    dropouts = {"dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout, "device": device}
+    options = {"module_dropout": module_dropout, "device": device}
+    options |= {"dropout": dropout, "rank_dropout": rank_dropout} if algo == "lora" else {}
+    options |= {"factor": lokr_factor} if algo == "lokr" else {}
+    module_class = {"lora": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule}[algo]
 
-    def build(target: Target) -> LoRAModule:
+    def build(target: Target) -> AdapterModule:
         rank, alpha = (conv_dim, conv_alpha) if target.kind == "conv" else (network_dim, network_alpha)
-        return LoRAModule.for_layer(target.name, target.layer, rank, alpha, **dropouts)
+        return module_class.for_layer(target.name, target.layer, rank, alpha, dora_wd=dora_wd and _wants_dora(target), **options)
 
     text = [build(t) for t in text_targets(text_models)] if use_text else []
     unet_modules = [build(t) for t in unet_targets(unet, conv_dim is not None, num_res_blocks_of(unet))] if use_unet else []
-    return LoraNetwork(text, unet_modules, _network_args(conv_dim, conv_alpha, rank_dropout, module_dropout))
+    module, args = network_module_and_args(algo, conv_dim, conv_alpha, rank_dropout, module_dropout, dora_wd, lokr_factor)
+    return LoraNetwork(text, unet_modules, args, module)
+
+
+def _wants_dora(target: Target) -> bool:
+    """Every adapter takes DoRA's magnitude but those on OpenCLIP's q/k/v (SD2, SDXL's second encoder).
+
+    The webui 1.10.1 applies q/k/v adapters of an `nn.MultiheadAttention` with the whole fused
+    in_proj [3d, d] as their base weight; a DoRA norm of [d, d] + [3d, d] fails there, and the webui
+    then skips that attention layer entirely. Plain adapters on those three apply everywhere.
+    """
+    return not isinstance(target.layer, FusedSlice)

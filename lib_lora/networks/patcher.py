@@ -2,7 +2,8 @@
 
 Two modes with the same result (the webui's default and its "Lora functional" setting, §3.6):
 * merge: each patched layer's original weight is backed up once (a copy, in its own dtype); the
-  layer gets `backup + Σ multiplier·ΔW` computed in fp32 and written in the layer's dtype.
+  layer gets `backup + Σ multiplier·ΔW` computed in fp32 and written in the layer's dtype (a DoRA
+  module's term is multiplier·(W_d − W0), its W0 the original weight, `AdapterModule.weight_delta`).
 * onthefly: weights stay untouched; a forward hook adds `Σ multiplier·forward_delta(x)`.
 `apply` validates every module of every file against the model before touching anything, then
 rewrites only the layers whose list of (module, multiplier) changed since the last call; `restore`
@@ -131,9 +132,10 @@ class LoraPatcher:
             weight.copy_(backup)  # the exact original bits
             del self._backups[key]
             return
-        merged = backup.to(weight.device, torch.float32, copy=True)  # fp32 sum (never into the backup), one rounding
+        original = backup.to(weight.device, torch.float32, copy=True)  # fp32 (never the backup itself), one rounding
+        merged = original.clone()
         for module, multiplier in entries:
-            merged += multiplier * module.delta_weight(weight.shape).to(merged.device, torch.float32)
+            merged += module.weight_delta(original, multiplier)  # each DoRA term against the original W0
         weight.copy_(merged.to(weight.dtype))
 
     def _hook(self, key: str, layer: nn.Module, entries: Entries) -> None:

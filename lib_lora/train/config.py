@@ -20,7 +20,8 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
-NETWORK_TYPES = ("lora", "locon")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+CONV_NETWORK_TYPES = frozenset({"locon", "loha", "lokr"})  # those with 3x3-conv targets (LyCORIS's `full` preset)
 
 
 class ConfigError(ValueError):
@@ -56,11 +57,16 @@ class TrainConfig:
     validation_split: float = _opt(0.0, "fraction of images held out for validation loss")
     masked_loss: bool = _opt(False, "use the PNG alpha channel as the per-pixel loss weight")
     # --- network
-    network_type: str = _opt("lora", "lora (attention, ff, proj) or locon (also 3x3 convs)", choices=NETWORK_TYPES)
+    network_type: str = _opt("lora", "lora (attention, ff, proj), locon (also 3x3 convs), loha (LyCORIS Hadamard product) "
+                                      "or lokr (LyCORIS Kronecker product); loha and lokr include 3x3 convs as locon",
+                             choices=NETWORK_TYPES)
     network_dim: int = _opt(4, "rank of linear layers")
     network_alpha: float = _opt(1.0, "alpha of linear layers; scale = alpha / dim")
-    conv_dim: int = _opt(4, "rank of 3x3 convs (locon only)")
-    conv_alpha: float = _opt(1.0, "alpha of 3x3 convs (locon only)")
+    conv_dim: int = _opt(4, "rank of 3x3 convs (locon, loha, lokr)")
+    conv_alpha: float = _opt(1.0, "alpha of 3x3 convs (locon, loha, lokr)")
+    lokr_factor: int = _opt(-1, "lokr: split each dimension as factor x rest when factor divides it (-1: the most balanced "
+                                "split, LyCORIS's default; 4-16 gives smaller files)")
+    dora_wd: bool = _opt(False, "DoRA (LyCORIS dora_wd): also learn each weight's magnitude apart from its direction; any network type")
     network_dropout: float = _opt(0.0, "dropout on the LoRA hidden activations")
     rank_dropout: float = _opt(0.0, "dropout of whole ranks")
     module_dropout: float = _opt(0.0, "probability of skipping a whole module for a step")
@@ -129,6 +135,11 @@ class TrainConfig:
     @property
     def effective_text_encoder_2_lr(self) -> float:
         return self.text_encoder_2_lr or self.effective_text_encoder_lr
+
+    @property
+    def conv_targets(self) -> bool:
+        """Whether 3x3 convs get adapters (at conv_dim/conv_alpha)."""
+        return self.network_type in CONV_NETWORK_TYPES
 
     @property
     def train_unet(self) -> bool:
@@ -282,13 +293,15 @@ def _check_numbers(c: TrainConfig) -> None:
 
 
 def _check_ranges(c: TrainConfig) -> None:
-    if c.network_type == "locon" and c.conv_dim < 1:
-        raise ConfigError(f"conv_dim: must be at least 1 for locon, got {c.conv_dim}")
+    if c.conv_targets and c.conv_dim < 1:
+        raise ConfigError(f"conv_dim: must be at least 1 for {c.network_type}, got {c.conv_dim}")
     for name in ("network_dim", "conv_dim"):  # lokr: a rank of half a factor's size or more means full matrices
         used = name == "network_dim" or c.network_type != "lora"
         if used and c.network_type != "lokr" and getattr(c, name) > MAX_RANK:
             raise ConfigError(f"{name}: must be at most {MAX_RANK} for {c.network_type}, got {getattr(c, name)} (no layer of "
                               f"SD1, SD2 or SDXL has a higher rank: more only costs memory)")
+    if c.lokr_factor != -1 and c.lokr_factor < 2:
+        raise ConfigError(f"lokr_factor: must be -1 (balanced split) or at least 2, got {c.lokr_factor}")
     rates = ("caption_dropout_rate", "caption_tag_dropout_rate", "network_dropout", "rank_dropout", "module_dropout", "validation_split",
              "adam_beta1", "adam_beta2", "sgd_momentum")
     for name in rates:
@@ -314,6 +327,11 @@ def _check_resolution(c: TrainConfig) -> None:
 
 
 def _check_exclusive(c: TrainConfig) -> None:
+    weight_based = "dora_wd" if c.dora_wd else c.network_type if c.network_type in ("loha", "lokr") else None
+    for name in ("network_dropout", "rank_dropout"):
+        if weight_based and getattr(c, name):
+            raise ConfigError(f"{name}: acts on LoRA's hidden ranks, which {weight_based} does not have in its forward "
+                              f"(as in LyCORIS); set it to 0 and use module_dropout")
     if c.network_train_unet_only and c.network_train_text_encoder_only:
         raise ConfigError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
     problem = name_problem(c.output_name) if isinstance(c.output_name, str) else "is not text"

@@ -71,6 +71,7 @@ class LoraSaver:
             output_name=c.output_name,
             network_dim=c.network_dim,
             network_alpha=c.network_alpha,
+            network_module=network.network_module,
             network_args=network.network_args(),
             base_model_version=base_model_version(self.host.arch, self.v_parameterization),
             v_parameterization=self.v_parameterization,

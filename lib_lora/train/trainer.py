@@ -63,7 +63,8 @@ class TrainResult:
 
 def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] | None = None, run_dir: Path | None = None, resume: bool = False,
           distributed: Distributed = Distributed()) -> TrainResult:
-    """Train a LoRA/LoCon on `host` as `config` says; resume=True continues the run in run_dir."""
+    """Train a LoRA/LoCon/LoHa/LoKr (with DoRA if asked) on `host` as `config` says; resume=True continues
+    the run in run_dir."""
     def emit(event: TrainEvent) -> None:
         if not distributed.is_main:
             return  # under torchrun, process 0 reports for all
@@ -89,13 +90,16 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     network = make_network(
         host.unet if config.train_unet else None,
         host.text_encoders if config.train_text_encoder else None,
+        algo="lora" if config.network_type == "locon" else config.network_type,
         network_dim=config.network_dim,
         network_alpha=config.network_alpha,
-        conv_dim=config.conv_dim if config.network_type == "locon" else None,
-        conv_alpha=config.conv_alpha if config.network_type == "locon" else None,
+        conv_dim=config.conv_dim if config.conv_targets else None,
+        conv_alpha=config.conv_alpha if config.conv_targets else None,
         dropout=config.network_dropout,
         rank_dropout=config.rank_dropout,
         module_dropout=config.module_dropout,
+        dora_wd=config.dora_wd,
+        lokr_factor=config.lokr_factor,
         device=host.device,
     )
     host.clear_interrupt()

@@ -20,7 +20,7 @@ LAYOUT: dict[str, dict[str, tuple[str, ...]]] = {
         "Images": ("allow_unreadable_images", "prior_loss_weight", "validation_split", "masked_loss"),
     },
     "Network": {
-        "Network": ("network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha"),
+        "Network": ("network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "lokr_factor", "dora_wd"),
         "Dropout": ("network_dropout", "rank_dropout", "module_dropout"),
         "Parts": ("network_train_unet_only", "network_train_text_encoder_only"),
     },

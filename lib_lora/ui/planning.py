@@ -39,7 +39,7 @@ class PlanSummary:
 def config_warnings(config: TrainConfig) -> list[str]:
     """Advice on options alone: ranks, learning rates for the chosen optimizer."""
     notes = []
-    if config.network_type == "locon" and config.conv_alpha > config.conv_dim:
+    if config.conv_targets and config.conv_alpha > config.conv_dim:
         notes.append(f"conv_alpha {config.conv_alpha} > conv_dim {config.conv_dim}: scale > 1 amplifies the update")
     low, high = LR_RANGES.get(config.optimizer_type, (0.0, float("inf")))
     rates = {"learning_rate": config.learning_rate, "unet_lr": config.unet_lr, "text_encoder_lr": config.text_encoder_lr}
