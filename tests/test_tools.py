@@ -327,7 +327,6 @@ def test_cli_runs_each_tool_and_refuses_to_overwrite(sd1, tmp_path, capsys):
     assert main(["blend", a, b, "-o", f"{out}/blend.safetensors", "--overwrite"]) == 0
 
 
-@pytest.mark.skipif("dora_scale" not in LoRAModule.optional_keys, reason="this tree reads no DoRA files")
 def test_dora_modules_are_reported_and_refused_by_blend_and_resize(sd1, tmp_path):
     ckpt, folder = sd1
     name = "lora_unet_down_blocks_1_attentions_0_proj_out"
