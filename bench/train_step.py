@@ -1,6 +1,6 @@
 """Training step time against its floor, on a full-size random SD1.5 checkpoint.
 
-    python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder]
+    python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder] [--count-ops]
 
 Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
 text-encoder outputs) is timed step by step from its own events; the floor is the frozen UNet's
@@ -8,6 +8,9 @@ forward + backward with respect to its input only, the least any LoRA step can c
 this process on the same model, in alternating rounds (floor, trainer, floor, trainer, ..., floor)
 and each trainer run is divided by the floor runs on either side of it, so that a machine whose
 speed drifts between minutes affects both sides of each ratio alike; the median ratio is printed.
+`--count-ops` also counts the ATen operations one trainer step and one floor pass dispatch (a
+TorchDispatchMode between two step events): unlike time, the count does not depend on the
+machine's load, and on a GPU at batch 1 each operation is a kernel launch the step waits for.
 Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
 """
 
@@ -16,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +32,7 @@ from lib_lora.models.architectures import write_random_checkpoint  # noqa: E402
 from lib_lora.train.config import TrainConfig  # noqa: E402
 from lib_lora.train.cpu_memory import keep_freed_memory  # noqa: E402
 from lib_lora.train.trainer import train  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
 
@@ -49,8 +54,41 @@ def floor_times(host, size: int, runs: int) -> list[float]:
     return times
 
 
-def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> list[float]:
-    """Per-step wall time of real training steps, from the trainer's own step events."""
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operation dispatched while it is on, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def floor_ops(host, size: int) -> Counter:
+    counter = OpCounter()
+    with counter:
+        floor_times(host, size, 1)
+    return counter.counts
+
+
+def step_ops(host, size: int, rank: int, with_text_encoder: bool) -> Counter:
+    """The operations of training step 3 (from step 2's event to step 3's: its data, loss, backward, optimizer, log)."""
+    counter = OpCounter()
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 2:
+            counter.__enter__()
+        elif event.kind == "step" and event.step == 3:
+            counter.__exit__(None, None, None)
+
+    run_config(host, size, 4, rank, with_text_encoder, on_event)
+    return counter.counts
+
+
+def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, on_event) -> None:
+    """A real training run of `steps` steps on one red square (one epoch: no state saves between steps)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data" / f"{steps}_bench"  # one epoch: no per-epoch state saves in the timing
         folder.mkdir(parents=True)
@@ -61,8 +99,13 @@ def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: boo
             network_dim=rank, network_alpha=rank, network_train_unet_only=not with_text_encoder, output_dir=tmp,
             output_name="bench", save_precision="fp16",
         )
-        stamps = []
-        train(config, host, on_event=lambda e: e.kind == "step" and stamps.append(time.perf_counter()), run_dir=Path(tmp) / "run")
+        train(config, host, on_event=on_event, run_dir=Path(tmp) / "run")
+
+
+def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> list[float]:
+    """Per-step wall time of real training steps, from the trainer's own step events."""
+    stamps = []
+    run_config(host, size, steps, rank, with_text_encoder, lambda e: e.kind == "step" and stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]  # step 1 also encodes the latent: left out
 
 
@@ -73,6 +116,7 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--with-text-encoder", action="store_true")
+    parser.add_argument("--count-ops", action="store_true", help="count the ATen operations of one step and of the floor, then exit")
     args = parser.parse_args()
     if not CHECKPOINT.exists():
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +125,13 @@ def main():
     if host.device.type == "cpu":
         keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
+    if args.count_ops:
+        floor, step = floor_ops(host, args.size), step_ops(host, args.size, args.rank, args.with_text_encoder)
+        print(f"ATen operations: floor {sum(floor.values())}, trainer step {sum(step.values())}, "
+              f"ratio {sum(step.values()) / sum(floor.values()):.2f}x")
+        extra = step - floor
+        print("most added by the step: " + ", ".join(f"{name} +{n}" for name, n in extra.most_common(12)))
+        return
     floor_times(host, args.size, 1)  # warm-up
     before, floor, ours, ratios = floor_times(host, args.size, args.steps // 2), [], [], []
     for _ in range(args.rounds):

@@ -195,3 +195,24 @@ def test_truncated_file(tmp_path, cut):
     path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(LoraFormatError, match="cut.safetensors.*truncated"):
         load_lora(path)
+
+
+def test_saved_files_get_the_permissions_a_plain_write_gives(tmp_path):
+    """safetensors >= 0.6 creates its files 0600; a LoRA, a checkpoint and a cached latent must be readable
+    by whoever could read a file the user wrote (the webui may run as another user)."""
+    import os
+
+    from lib_lora.data.cache import LatentCache
+    from lib_lora.demo.tiny import random_tiny_checkpoint
+    from lib_lora.models.checkpoint import save_checkpoint
+    from lib_lora.atomic import plain_file_mode
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    lora = save_lora(tmp_path / "a.safetensors", {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)}, {})
+    save_checkpoint(random_tiny_checkpoint(0), tmp_path / "c.safetensors")
+    cache = LatentCache(tmp_path / "latents")
+    cache.put("k" * 40, torch.zeros(4, 2, 2))
+    modes = {p.name: os.stat(p).st_mode & 0o777 for p in (plain, lora, tmp_path / "c.safetensors", cache.path_for("k" * 40))}
+    assert set(modes.values()) == {plain_file_mode()} == {os.stat(plain).st_mode & 0o777}, modes
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..models.tensor_files import write_safetensors
 
 from .folders import ImageItem
 
@@ -92,13 +93,7 @@ class LatentCache:
         if self.directory is None:
             self._memory[key] = latent.clone()
             return
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({TENSOR_NAME: latent}, temporary)
-            os.replace(temporary, self.path_for(key))
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        write_safetensors(self.path_for(key), {TENSOR_NAME: latent})
 
     def __contains__(self, key: str) -> bool:
         if self.directory is None:

@@ -5,12 +5,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoint import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
 from .clip_text import TextConfig, TextEncoder
 from .open_clip_text import OpenClipConfig, OpenClipTextEncoder
 from .schedule import sd_alphas_cumprod
+from .tensor_files import write_safetensors
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
@@ -71,8 +71,4 @@ def random_state_dict(arch: str = "sd1", dtype: torch.dtype = torch.float16, see
 
 def write_random_checkpoint(path: str | os.PathLike, arch: str = "sd1", dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
     """Write a random full-size checkpoint atomically (fp16: SD1.5 ~2.1 GB, SD2 ~2.6 GB, SDXL ~6.9 GB)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(random_state_dict(arch, dtype, seed), str(tmp))
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, random_state_dict(arch, dtype, seed))

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .clip_text import TextConfig, TextEncoder
 from .open_clip_text import OpenClipConfig, OpenClipTextEncoder
-from .tensor_files import LazyTensors, read_tensor_file
+from .tensor_files import LazyTensors, read_tensor_file, write_safetensors
 from .unet import UNetConfig, UNetModel
 from .vae import SD_LATENT_SCALE, SDXL_LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -344,7 +343,4 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dtyp
         for k, v in model.state_dict().items():
             state[prefix + k] = (v.to(dtype) if dtype else v).contiguous()
     meta = {**checkpoint_metadata(ckpt), **(extra_metadata or {})}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(path, state, meta)

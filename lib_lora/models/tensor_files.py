@@ -1,11 +1,15 @@
 """Reading a flat dict of tensors from .safetensors or a weights-only torch file, with named errors."""
 
 import json
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..atomic import write_atomically
 
 
 def read_tensor_file(path: Path, error: type[ValueError], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -97,3 +101,10 @@ class LazyTensors(Mapping):
 
     def __contains__(self, key) -> bool:
         return key in self._entries
+
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      before_replace: Callable[[], None] | None = None) -> Path:
+    """Save a .safetensors file atomically, with a plain write's permissions (lib_lora/atomic.py)."""
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), before_replace)

@@ -9,15 +9,14 @@ tensors) are read by renaming their keys to kohya's (lora-format.md §9.3).
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from ..models.tensor_files import read_tensor_file
+from ..atomic import write_atomically
+from ..models.tensor_files import read_tensor_file, write_safetensors
 from .base import AdapterModule
 from .errors import LoraFormatError
 from .metadata import sshs_hashes
@@ -48,12 +47,6 @@ class LoraFile:
         return self.metadata.get("ss_output_name") or self.name
 
 
-def _atomic_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_overwrite(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
@@ -79,14 +72,7 @@ def save_lora(path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str
     tensors = {k: v.detach().to("cpu", save_dtype).contiguous() for k, v in state_dict.items()}
     meta = dict(metadata) | sshs_hashes(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        _check_overwrite(path, overwrite)  # another writer may have won meanwhile
-        _atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_safetensors(path, tensors, meta, before_replace=lambda: _check_overwrite(path, overwrite))  # another writer may have won meanwhile
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -193,12 +179,8 @@ def write_card(path_or_stem, activation_text: str = "", preferred_weight: float 
         "notes": notes,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(card, indent=4, ensure_ascii=False), encoding="utf-8")
-    _atomic_replace(tmp, json_path)
+    write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(card, indent=4, ensure_ascii=False), encoding="utf-8"))
     if preview is None:
         return json_path, None
-    tmp = preview_path.with_name(f".{preview_path.name}.{os.getpid()}.tmp")
-    preview.save(tmp, format="PNG")
-    _atomic_replace(tmp, preview_path)
+    write_atomically(preview_path, lambda tmp: preview.save(tmp, format="PNG"))
     return json_path, preview_path

@@ -6,13 +6,13 @@ leaves a state that loads.
 
 import csv
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomically
 from ..models.checkpoint import ARCH_NAMES
 from .config import ConfigError, TrainConfig
 
@@ -21,9 +21,7 @@ LOSS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "val_loss
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 @dataclass
@@ -91,9 +89,7 @@ class RunFolder:
             "noise_rng": noise_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
-        tmp = self.path / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path / STATE_FILE)
+        write_atomically(self.path / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def has_state(self) -> bool:
         return (self.path / STATE_FILE).exists()
