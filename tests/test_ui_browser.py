@@ -2,11 +2,14 @@
 
 Starts `python -m lib_lora ui` on a free loopback port and drives Debian's Chromium with
 Playwright (never a downloaded browser). Screenshots of each state go to $LIB_LORA_SCREENSHOTS
-(default: the test's tmp folder). Skipped when gradio, playwright or /usr/bin/chromium is missing;
-.ci/run installs all three.
+(default: the test's tmp folder). With $LIB_LORA_DOCS_SCREENSHOTS=docs the training test also writes
+the README's pictures there: 1280 px wide, cut to the part of the page they show, 256 colours
+(`LIB_LORA_DOCS_SCREENSHOTS=docs python -m pytest -q tests/test_ui_browser.py`). Skipped when gradio,
+playwright or /usr/bin/chromium is missing; .ci/run installs all three.
 """
 
 import base64
+import io
 import os
 import socket
 import subprocess
@@ -16,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
@@ -26,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
 START_TIMEOUT_S, TRAIN_TIMEOUT_S = 90, 150
+VIEWPORT = {"width": 1280, "height": 900}  # also the README pictures' width: both columns side by side, small as PNG
+HEADER = ".train-lora-header"  # the standalone app's first line; it names this test's tmp folders, so pictures start below it
 
 
 def free_port() -> int:
@@ -75,6 +81,46 @@ def shots(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def docs() -> Path | None:
+    """Where the README's pictures go, or None (not asked for)."""
+    folder = os.environ.get("LIB_LORA_DOCS_SCREENSHOTS")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
+
+
+def page_box(page, selector: str) -> dict:
+    """The element's box in page coordinates (bounding_box is relative to the scrolled viewport)."""
+    box = page.locator(selector).first.bounding_box()
+    return {**box, "y": box["y"] + page.evaluate("window.scrollY")}
+
+
+def docs_shot(page, folder: Path | None, name: str, top: float, bottom: str, column: str | None = None) -> None:
+    """Save the page from `top` (px) to the bottom of `bottom`, across `column` or the whole width, as folder/name.
+
+    Quantised to 256 colours without dithering (flat UI colours stay exact) and saved with optimize=True:
+    about a quarter of the RGB file, so docs/ stays small."""
+    if folder is None:
+        return
+    page.wait_for_timeout(300)  # let images that just arrived finish drawing
+    end = page_box(page, bottom)
+    left, width = 0, VIEWPORT["width"]
+    if column:
+        box = page_box(page, column)
+        left, width = max(0, box["x"] - 8), box["width"] + 16
+    clip = {"x": left, "y": top, "width": width, "height": end["y"] + end["height"] + 8 - top}
+    png = page.screenshot(full_page=True, clip=clip)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(folder / name, optimize=True)
+
+
+def below_header(page) -> float:
+    box = page_box(page, HEADER)
+    return box["y"] + box["height"] + 2
+
+
 def fill(page, elem_id: str, value) -> None:
     page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(str(value))
     page.locator(f"#{elem_id} textarea, #{elem_id} input").first.press("Tab")
@@ -95,14 +141,14 @@ def generate(page, prompt: str, count: int) -> bytes:
     return image_bytes(page, "#lora_app_image img")
 
 
-def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
+def test_train_in_the_browser_then_generate_with_the_lora(app, shots, docs, tmp_path):
     from lib_lora.demo.dataset import make_lora_dataset
 
     url, out_dir = app
     dataset = make_lora_dataset(tmp_path / "dataset", concept="star", trigger="zkz", n_images=12, repeats=10)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport=VIEWPORT)
         page.goto(url)
         page.wait_for_selector("#train_lora_train", timeout=30_000)
 
@@ -113,12 +159,14 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
         assert "12 images" in page.inner_text("#train_lora_report")
         assert "10_zkz" in page.inner_text("#train_lora_report")
         page.screenshot(path=shots / "1-dataset-report.png", full_page=True)
+        docs_shot(page, docs, "tab-dataset.png", below_header(page), "#train_lora_main")
 
         page.click("#train_lora_sections button:has-text('Training')")
-        fill(page, "train_lora_max_train_epochs", 1)
-        fill(page, "train_lora_train_batch_size", 4)
+        fill(page, "train_lora_max_train_epochs", 2)  # 2 x 15 steps: a sample and a file after the first epoch
+        fill(page, "train_lora_train_batch_size", 8)
         fill(page, "train_lora_resolution", 64)
         fill(page, "train_lora_output_name", "ui_test")
+        fill(page, "train_lora_save_every_n_epochs", 1)
         page.click("#train_lora_group_samples >> text=Samples")
         fill(page, "train_lora_sample_every_n_epochs", 1)
         fill(page, "train_lora_sample_prompts", "a zkz star --s 10 --d 1")
@@ -129,6 +177,9 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
         progress = page.inner_text("#train_lora_progress")
         assert "step " in progress and "/30" in progress and "ETA" in progress
         page.screenshot(path=shots / "2-training.png", full_page=True)
+        if docs:
+            page.wait_for_selector("#train_lora_samples img", timeout=TRAIN_TIMEOUT_S * 1000)
+            docs_shot(page, docs, "tab-training.png", below_header(page), "#train_lora_log")
         page.wait_for_selector("#train_lora_progress [data-status='finished']", timeout=TRAIN_TIMEOUT_S * 1000)
         page.wait_for_timeout(500)
         assert "step 30/30" in page.inner_text("#train_lora_progress")
@@ -136,10 +187,18 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, tmp_path):
         page.screenshot(path=shots / "3-finished.png", full_page=True)
         assert (out_dir / "lora" / "ui_test.safetensors").is_file()
 
+        page.click("#train_lora_after >> text=Compare epochs and keep one")
+        fill(page, "train_lora_cmp_prompt", "a zkz star")
+        page.click("#train_lora_cmp_run")
+        page.wait_for_selector("#train_lora_cmp_grid img", timeout=60_000)  # rows: epoch 1, final; columns: weights
+        after = page_box(page, "#train_lora_after")["y"]
+        docs_shot(page, docs, "tab-finished.png", after, "#train_lora_cmp_grid", column="#train_lora_run")
+
         page.click("button:has-text('txt2img')")
-        with_lora = generate(page, "a zkz star <lora:ui_test:1>", 1)
-        without = generate(page, "a zkz star <lora:ui_test:0>", 2)
+        without = generate(page, "a zkz star <lora:ui_test:0>", 1)
+        with_lora = generate(page, "a zkz star <lora:ui_test:1>", 2)  # last, so the panel (and its picture) shows the LoRA's image
         page.screenshot(path=shots / "4-txt2img.png", full_page=True)
+        docs_shot(page, docs, "txt2img.png", below_header(page), "#tab_lora_txt2img")
         browser.close()
     assert with_lora != without
 

@@ -23,7 +23,7 @@ PRESET_EXCLUDED = frozenset({"train_data_dir", "reg_data_dir", "trigger_words", 
 NAME_LINE, WHY_LINE = "# preset: ", "# why: "
 
 # Tuned with bench/quality.py on the embedded tiny model (64 px, CPU), 600 steps, 128 images per
-# fidelity figure; see the README. The text encoder's lr is the lever: a LoRA learnt mostly in the UNet
+# fidelity figure; see bench/RESULTS.md. The text encoder's lr is the lever: a LoRA learnt mostly in the UNet
 # changes the unconditional prediction as much as the conditional one, and classifier-free guidance then
 # cancels it (te 5e-4 -> fidelity 0.00 on an earlier base). A lower UNet lr keeps the base's other
 # prompts (preservation 0.79x at 1e-3, 0.94x at 5e-4, earlier base). Rank 16 (alpha 16, scale 1) draws
