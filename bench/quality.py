@@ -1,6 +1,7 @@
 """Training quality of the demo LoRA on the embedded base model, by the strict analyzer.
 
     python bench/quality.py [--concept purple|star] [--train-seeds 1] [--concept-seeds 32] [--seeds 4] [--set KEY=VALUE ...]
+                            [--pivotal [--init-word WORD] [--embedding-lr LR] [--vectors N]]
 
 Trains the demo LoRA (12 images of a concept the base never saw, trigger "zkz") with the demo
 preset (`lib_lora.train.presets.DEMO`, overridable with --set). First it prints how well the base
@@ -14,6 +15,8 @@ its squares stay near the base's own. Then, for each training seed:
 Targets: fidelity >= 0.9 and preservation >= 0.9 in <= 600 steps on CPU. One training run is one
 draw: between training seeds fidelity moves by up to +-0.03 (+-0.1 at batch 8), so compare settings with
 `--train-seeds 3`, which trains seed, seed+1, seed+2 and prints the mean and the minimum too.
+`--pivotal` adds pivotal tuning: the trigger "zkz" gets an embedding of its own, learnt with the LoRA and
+bundled in its file, which the measurement's `<lora:NAME:1>` brings into the prompts (as in the webui).
 """
 
 import argparse
@@ -42,11 +45,21 @@ def by_shape(fidelity) -> dict[str, float]:
     return {shape: statistics.mean(fidelity.per_prompt[f"a {c} {shape}"] for c in SEEN_COLOURS) for shape in SEEN_SHAPES}
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """KEY=VALUE strings typed by TrainConfig's own coercion (so `lr_scheduler=cosine` and `network_dim=16` both work)."""
-    values = dict(pair.split("=", 1) for pair in pairs)
-    config = TrainConfig.from_dict(values)
+def parse_overrides(pairs: list[str], pivotal: dict | None = None) -> dict:
+    """KEY=VALUE strings typed by TrainConfig's own coercion (so `lr_scheduler=cosine` and `network_dim=16` both work),
+    plus the pivotal-tuning options of the flags (checked with the demo's trigger word)."""
+    values = dict(pair.split("=", 1) for pair in pairs) | (pivotal or {})
+    config = TrainConfig.from_dict(values | ({"trigger_words": "zkz"} if pivotal else {}))
     return {key: getattr(config, key) for key in values}
+
+
+def pivotal_options(args) -> dict:
+    """TrainConfig values of --pivotal, --init-word, --embedding-lr and --vectors (none without --pivotal)."""
+    if not args.pivotal:
+        return {}
+    options = {"pivotal_tuning": True, "num_vectors_per_token": args.vectors}
+    options |= {"init_word": args.init_word} if args.init_word is not None else {}
+    return options | ({"embedding_lr": args.embedding_lr} if args.embedding_lr is not None else {})
 
 
 def train_and_measure(args, ckpt, changes: dict, concept_seeds, base_seeds):
@@ -69,8 +82,12 @@ def main():
     parser.add_argument("--seeds", type=int, default=4, help="seeds per base prompt for prior preservation")
     parser.add_argument("--train-seeds", type=int, default=1, help="LoRAs trained with seeds seed, seed+1, ...: one run is one draw")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo preset options")
+    parser.add_argument("--pivotal", action="store_true", help="also learn the trigger's embedding (pivotal tuning), bundled in the LoRA")
+    parser.add_argument("--init-word", help="word the trigger's embedding starts from (default: TrainConfig's, '*')")
+    parser.add_argument("--embedding-lr", type=float, help="the embedding's learning rate (default: TrainConfig's embedding_lr)")
+    parser.add_argument("--vectors", type=int, default=1, help="vectors of the trigger's embedding (num_vectors_per_token)")
     args = parser.parse_args()
-    changes = parse_overrides(args.set)
+    changes = parse_overrides(args.set, pivotal_options(args))
     concept_seeds, base_seeds = [200 + i for i in range(args.concept_seeds)], [100 + i for i in range(args.seeds)]
     ckpt = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
     before, base = measure(ckpt, concept_prompts(args.concept), concept_seeds), measure(ckpt, base_prompts(), base_seeds)

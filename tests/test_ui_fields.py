@@ -59,3 +59,16 @@ def test_lycoris_options_sit_with_the_network_options():
     assert specs["network_type"].choices == ("lora", "locon", "loha", "lokr")
     assert (specs["lokr_factor"].kind, specs["lokr_factor"].default) == ("int", -1)
     assert (specs["dora_wd"].kind, specs["dora_wd"].default) == ("checkbox", False)
+
+
+def test_block_and_pivotal_options_sit_in_the_network_section():
+    """kohya's block_dims... and our block choice get a Blocks group; pivotal tuning its own, both under Network."""
+    network = fields.layout()["Network"]
+    assert network["Blocks"] == ("train_blocks", "cross_attention_only", "block_dims", "block_alphas", "conv_block_dims",
+                                 "conv_block_alphas")
+    assert network["Pivotal tuning"] == ("pivotal_tuning", "embedding_lr", "init_word", "num_vectors_per_token")
+    specs = fields.field_specs()
+    assert [specs[n].kind for n in ("train_blocks", "cross_attention_only", "block_dims", "pivotal_tuning", "embedding_lr",
+                                    "num_vectors_per_token")] == ["text", "checkbox", "text", "checkbox", "float", "int"]
+    config = TrainConfig(block_dims="4," * 24 + "4", train_blocks="IN04,OUT11", pivotal_tuning=True, trigger_words="zkz")
+    assert fields.config_from_widgets(fields.config_widget_values(config)) == config

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from ..models.conditioning import Conditioning
-from ..models.pipeline import GenerationParams
+from ..models.pipeline import Embeddings, GenerationParams
 from ..models.schedule import NoiseSchedule
 from ..networks.metadata import base_model_version
 from ..networks.targets import TextModel
@@ -36,6 +36,7 @@ class Host(ABC):
     native_size: int | None = None  # side (px) the model was trained at, where not its architecture's (the embedded model: 64)
     lora_dir: Path  # where finished LoRAs go so the host's Lora support finds them
     runs_dir: Path  # where run folders (state, samples, logs) go; never inside lora_dir
+    trains_embeddings: bool = True  # encode_text and generate take trainable token embeddings (pivotal tuning)
 
     def __init__(self):
         self._interrupt = threading.Event()
@@ -50,13 +51,15 @@ class Host(ABC):
         """pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] (posterior mean)."""
 
     @abstractmethod
-    def encode_text(self, captions: list[str], clip_skip: int) -> Conditioning:
-        """Captions -> UNet context [B, T, D] (and SDXL's pooled vector); differentiable so text-encoder LoRA can learn."""
+    def encode_text(self, captions: list[str], clip_skip: int, embeddings: Embeddings | None = None) -> Conditioning:
+        """Captions -> UNet context [B, T, D] (and SDXL's pooled vector); differentiable so text-encoder LoRA can learn.
+        `embeddings` (token -> one [n, width] tensor per text encoder) replace their tokens, differentiably."""
 
     @abstractmethod
-    def generate(self, params: GenerationParams) -> list[Image.Image]:
+    def generate(self, params: GenerationParams, embeddings: Embeddings | None = None) -> list[Image.Image]:
         """Sample images with the model as it is now (live LoRA hooks included); the prompt may
-        carry `<lora:name:w>` tags naming files in `lora_dir`, applied for this call only."""
+        carry `<lora:name:w>` tags naming files in `lora_dir`, applied for this call only; `embeddings`
+        replace their tokens in the prompts."""
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute UNet blocks in backward (our UNetModel's switch; hosts with other models override)."""

@@ -6,7 +6,7 @@ import torch
 
 from ..demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE
 from ..models.checkpoint import Checkpoint, load_checkpoint
-from ..models.pipeline import GenerationParams, encode_prompts, schedule_for
+from ..models.pipeline import Embeddings, GenerationParams, encode_prompts, schedule_for
 from ..networks.apply import generate_with_loras
 from ..networks.targets import text_models_for
 from .base import Host
@@ -45,9 +45,9 @@ class StandaloneHost(Host):
         vae = self.ckpt.vae
         return vae.encode(pixels.to(self.device, next(vae.parameters()).dtype)).float()
 
-    def encode_text(self, captions: list[str], clip_skip: int):
-        return encode_prompts(self.ckpt, captions, clip_skip)
+    def encode_text(self, captions: list[str], clip_skip: int, embeddings: Embeddings | None = None):
+        return encode_prompts(self.ckpt, captions, clip_skip, embeddings)
 
-    def generate(self, params: GenerationParams):
+    def generate(self, params: GenerationParams, embeddings: Embeddings | None = None):
         """Sample with the model as it is; `<lora:name:w>` tags resolve to files in the Lora folder."""
-        return generate_with_loras(self.ckpt, params, [self.lora_dir])
+        return generate_with_loras(self.ckpt, params, [self.lora_dir], embeddings=embeddings)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..models.conditioning import Conditioning
-from ..models.pipeline import GenerationParams
+from ..models.pipeline import Embeddings, GenerationParams
 from ..models.schedule import NoiseSchedule
 from ..networks.fused_attention import expose_all
 from ..networks.targets import TextModel, text_models_for
@@ -44,6 +44,10 @@ _CHECKPOINT_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})  # what sd
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 _active: "WebuiHost | None" = None  # the host of the running session, for on_script_unloaded
+
+
+NO_EMBEDDINGS = ("Pivotal tuning (trainable trigger-word embeddings) is not available inside the webui yet; train "
+                 "standalone (python -m lib_lora train), then use the LoRA here: its bundled embeddings load with it.")
 
 
 class WebuiHostError(RuntimeError):
@@ -118,6 +122,8 @@ def _check_weights(sd_model) -> None:
 class WebuiHost(Host):
     """`shared.sd_model` as a Host. Build it through `open_webui_host`, which prepares and restores the model."""
 
+    trains_embeddings = False  # its prompts go through the webui's own tokenizer and embedding database
+
     def __init__(self, sd_model, *, lora_dir: Path, runs_dir: Path):
         super().__init__()
         from modules import devices
@@ -163,7 +169,7 @@ class WebuiHost(Host):
         mean = posterior.mode() if hasattr(posterior, "mode") else posterior
         return m.get_first_stage_encoding(mean).float()  # a tensor in: scale_factor * mean
 
-    def encode_text(self, captions: list[str], clip_skip: int) -> Conditioning:
+    def encode_text(self, captions: list[str], clip_skip: int, embeddings: Embeddings | None = None) -> Conditioning:
         """The webui's own conditioning (chunking, emphasis, TI embeddings) with `clip_skip` applied.
 
         SD1/SD2: `cond_stage_model` is the `*WithCustomWords` embedder; nothing on its forward path
@@ -173,6 +179,8 @@ class WebuiHost(Host):
         which would wrap them in no_grad unless `is_trainable`, fact 7): CLIP-L's states and bigG's
         states joined, and bigG's pooled vector; the trainer adds each sample's size embeddings.
         """
+        if embeddings:
+            raise WebuiHostError(NO_EMBEDDINGS)
         if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and any(_has_hooks(t.module) for t in self.text_encoders):
             raise WebuiHostError(MEDVRAM_TEXT_ENCODER)  # the session could not know the config; the adapters tell
         if self.arch == "sdxl":
@@ -187,10 +195,12 @@ class WebuiHost(Host):
         finally:
             opts.data["CLIP_stop_at_last_layers"] = saved
 
-    def generate(self, params: GenerationParams):
+    def generate(self, params: GenerationParams, embeddings: Embeddings | None = None):
         """Samples through `processing.process_images`, with the training adapters live (their hooks fire)."""
         from modules import processing
 
+        if embeddings:
+            raise WebuiHostError(NO_EMBEDDINGS)
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model, prompt=params.prompt, negative_prompt=params.negative_prompt, steps=params.steps,
             cfg_scale=params.cfg_scale, seed=params.seed, width=params.width, height=params.height, batch_size=params.batch_size,

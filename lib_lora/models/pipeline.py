@@ -1,6 +1,6 @@
 """Text-to-image with a loaded checkpoint: prompt -> text conditioning -> sampler -> VAE -> PIL images."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,15 +28,19 @@ class GenerationParams:
     clip_skip: int = 1
 
 
-def encode_prompts(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+Embeddings = Mapping[str, Sequence[torch.Tensor]]  # textual-inversion token -> one [n, width] tensor per text encoder
+
+
+def encode_prompts(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1, embeddings: Embeddings | None = None) -> Conditioning:
     """Prompts -> context [B, n_chunks * 77, width] (and SDXL's pooled vector), chunked and
-    emphasis-weighted as the webui does.
+    emphasis-weighted as the webui does; a token of `embeddings` in a prompt is replaced by its vectors.
 
     The webui rescales each chunk position over the whole batch of prompts it encodes together,
     so callers encode positive and negative prompts in separate calls, as it does.
     """
-    chunks = tokenize_batch(prompts)
-    return encode_chunks(ckpt, chunks.tokens, chunks.weights, clip_skip)
+    counts = {name: vectors[0].shape[0] for name, vectors in (embeddings or {}).items()}
+    chunks = tokenize_batch(prompts, embeddings=counts)
+    return encode_chunks(ckpt, chunks.tokens, chunks.weights, clip_skip, chunks.fixes, embeddings)
 
 
 def latent_shape(ckpt: Checkpoint, width: int, height: int) -> tuple[int, int, int]:
@@ -75,9 +79,9 @@ def pad_with_empty(ckpt: Checkpoint, cond: Conditioning, length: int, clip_skip:
     return Conditioning(torch.cat([z] + [empty] * ((length - z.shape[1]) // empty.shape[1]), dim=1), cond.pooled)
 
 
-def negative_conditioning(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+def negative_conditioning(ckpt: Checkpoint, prompts: list[str], clip_skip: int = 1, embeddings: Embeddings | None = None) -> Conditioning:
     """The negative prompt's conditioning; SDXL's is all zeros when every negative prompt is empty (sgm, the webui)."""
-    cond = encode_prompts(ckpt, prompts, clip_skip)
+    cond = encode_prompts(ckpt, prompts, clip_skip, embeddings)
     if ckpt.arch == "sdxl" and all(p == "" for p in prompts):
         return Conditioning(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
     return cond
@@ -97,13 +101,15 @@ def schedule_for(ckpt: Checkpoint) -> NoiseSchedule:
 
 
 @torch.no_grad()
-def generate(ckpt: Checkpoint, params: GenerationParams, callback: Callable | None = None) -> list[Image.Image]:
-    """Sample `batch_size` images; the same params and seed give the same pixels on CPU."""
+def generate(ckpt: Checkpoint, params: GenerationParams, callback: Callable | None = None,
+             embeddings: Embeddings | None = None) -> list[Image.Image]:
+    """Sample `batch_size` images; the same params and seed give the same pixels on CPU. `embeddings`
+    (textual inversion, e.g. a LoRA's bundled ones) apply to the prompt and the negative prompt, as in the webui."""
     shape = latent_shape(ckpt, params.width, params.height)
     unet_param = next(ckpt.unet.parameters())
     schedule = schedule_for(ckpt)
-    cond = encode_prompts(ckpt, [params.prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
-    uncond = negative_conditioning(ckpt, [params.negative_prompt] * params.batch_size, params.clip_skip).to(unet_param.dtype)
+    cond = encode_prompts(ckpt, [params.prompt] * params.batch_size, params.clip_skip, embeddings).to(unet_param.dtype)
+    uncond = negative_conditioning(ckpt, [params.negative_prompt] * params.batch_size, params.clip_skip, embeddings).to(unet_param.dtype)
     length = max(cond.context.shape[1], uncond.context.shape[1])
     cond, uncond = (pad_with_empty(ckpt, c, length, params.clip_skip) for c in (cond, uncond))
     sigmas = sigmas_for(params.sampler, schedule, params.steps)

@@ -3,7 +3,9 @@
 The tokenizer is OpenAI CLIP's (`simple_tokenizer.py`), re-implemented over the merges file that ships with
 open_clip_torch. Chunking and attention weights follow A1111 webui v1.10.1: `modules/prompt_parser.py`
 (`parse_prompt_attention`), `modules/sd_hijack_clip.py` (`tokenize_line`, `empty_chunk`, `forward`) and
-`modules/sd_emphasis.py` (`EmphasisOriginal`). Textual inversion embeddings are not handled here.
+`modules/sd_emphasis.py` (`EmphasisOriginal`). Textual-inversion embeddings (given by name and vector count)
+are found and laid out as the webui's `tokenize_line` does: their place in a chunk is held by id-0 tokens and
+recorded as an `EmbeddingFix`, where the conditioning puts the vectors (`EmbeddingsWithFixes`).
 """
 from __future__ import annotations
 
@@ -243,6 +245,35 @@ def parse_prompt_attention(prompt: str) -> list[Span]:
     return _merge_equal_weights(spans or [Span("")])
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddingFix:
+    """Where an embedding's vectors go: row of the [rows, 77] token ids, first position (after BOS), its name."""
+
+    row: int
+    position: int
+    name: str
+
+
+class EmbeddingLookup:
+    """Embedding names as token-id sequences, longest first per first id (webui `EmbeddingDatabase.ids_lookup`)."""
+
+    def __init__(self, vectors_by_name: dict[str, int], tokenizer: ClipTokenizer):
+        self.by_first_id: dict[int, list[tuple[list[int], str, int]]] = {}
+        for name, count in vectors_by_name.items():
+            ids = tokenizer.encode(name)
+            if ids:
+                self.by_first_id.setdefault(ids[0], []).append((ids, name, count))
+        for matches in self.by_first_id.values():
+            matches.sort(key=lambda match: len(match[0]), reverse=True)
+
+    def at(self, ids: list[int], position: int) -> tuple[str, int, int] | None:
+        """(name, vector count, ids it spans) of the embedding starting at `position`, or None."""
+        for name_ids, name, count in self.by_first_id.get(ids[position], ()):
+            if ids[position : position + len(name_ids)] == name_ids:
+                return name, count, len(name_ids)
+        return None
+
+
 class _Chunker:
     """The state of webui's `tokenize_line`: the chunk being filled, its last comma, the finished chunks."""
 
@@ -250,27 +281,43 @@ class _Chunker:
         self.comma, self.backtrack = comma, backtrack
         self.chunk_tokens: list[list[int]] = []
         self.chunk_weights: list[list[float]] = []
+        self.chunk_fixes: list[list[tuple[int, str]]] = []
         self.tokens: list[int] = []
         self.weights: list[float] = []
+        self.fixes: list[tuple[int, str]] = []  # (offset in tokens, embedding name) of this chunk
         self.last_comma = -1
 
-    def add(self, token: int, weight: float) -> None:
-        """Appends a token, first closing a full chunk (after its last comma when that is near the end)."""
+    def _prepare(self, token: int) -> None:
+        """Before placing `token`: note a comma, or close a full chunk (after its last comma when that is near the end)."""
         if token == self.comma:
             self.last_comma = len(self.tokens)
         elif self._comma_near_full_end():
             self._close_after_comma()
         if len(self.tokens) == CHUNK_LENGTH:
             self.close()
+
+    def add(self, token: int, weight: float) -> None:
+        """Appends a token, first closing a full chunk."""
+        self._prepare(token)
         self.tokens.append(token)
         self.weights.append(weight)
+
+    def add_embedding(self, first_token: int, name: str, count: int, weight: float) -> None:
+        """`count` id-0 placeholders for an embedding, in a new chunk if they do not fit this one (webui)."""
+        self._prepare(first_token)
+        if len(self.tokens) + count > CHUNK_LENGTH:
+            self.close()
+        self.fixes.append((len(self.tokens), name))
+        self.tokens += [0] * count
+        self.weights += [weight] * count
 
     def _comma_near_full_end(self) -> bool:
         near = self.last_comma != -1 and len(self.tokens) - self.last_comma <= self.backtrack
         return self.backtrack != 0 and len(self.tokens) == CHUNK_LENGTH and near
 
     def _close_after_comma(self) -> None:
-        """Closes the chunk just after its last comma and starts the next one with the tokens that followed."""
+        """Closes the chunk just after its last comma and starts the next one with the tokens that followed
+        (an embedding's fix stays with the closed chunk, as in the webui)."""
         cut = self.last_comma + 1
         tail_tokens, tail_weights = self.tokens[cut:], self.weights[cut:]
         del self.tokens[cut:], self.weights[cut:]
@@ -282,7 +329,8 @@ class _Chunker:
         pad = CHUNK_LENGTH - len(self.tokens)
         self.chunk_tokens.append([BOS, *self.tokens, *[EOS] * pad, EOS])
         self.chunk_weights.append([1.0, *self.weights, *[1.0] * pad, 1.0])
-        self.tokens, self.weights, self.last_comma = [], [], -1
+        self.chunk_fixes.append(self.fixes)
+        self.tokens, self.weights, self.fixes, self.last_comma = [], [], [], -1
 
     def finish(self) -> None:
         """Closes the last chunk if it holds text, or if there is none at all (an empty prompt is one chunk)."""
@@ -292,28 +340,47 @@ class _Chunker:
 
 @dataclasses.dataclass
 class PromptChunks:
-    """Token ids and per-token weights, [n_chunks, 77] for one prompt or [batch, n_chunks, 77] for a batch."""
+    """Token ids and per-token weights, [n_chunks, 77] for one prompt or [batch, n_chunks, 77] for a batch;
+    `fixes` place embeddings by row of the ids flattened to [rows, 77] (for a batch, row = b·n_chunks + chunk)."""
 
     tokens: torch.LongTensor
     weights: torch.FloatTensor
+    fixes: tuple[EmbeddingFix, ...] = ()
+
+
+def _add_span(chunker: _Chunker, ids: list[int], weight: float, lookup: EmbeddingLookup | None) -> None:
+    """One attention span's ids; where an embedding's name starts, its placeholders instead of the name's ids."""
+    position = 0
+    while position < len(ids):
+        found = lookup.at(ids, position) if lookup else None
+        if found is None:
+            chunker.add(ids[position], weight)
+            position += 1
+            continue
+        name, count, length = found
+        chunker.add_embedding(ids[position], name, count, weight)
+        position += length
 
 
 def tokenize_prompt(
-    prompt: str, tokenizer: ClipTokenizer | None = None, comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK
+    prompt: str, tokenizer: ClipTokenizer | None = None, comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+    embeddings: dict[str, int] | None = None,
 ) -> PromptChunks:
-    """One prompt as webui SD1 chunks of 77 ids (`tokenize_line`); each attention span is encoded on its own."""
+    """One prompt as webui SD1 chunks of 77 ids (`tokenize_line`); each attention span is encoded on its own.
+    `embeddings` (name -> vector count) are the textual-inversion embeddings the prompt may name."""
     tokenizer = tokenizer or get_tokenizer()
+    lookup = EmbeddingLookup(embeddings, tokenizer) if embeddings else None
     chunker = _Chunker(tokenizer.comma, comma_padding_backtrack)
     for span in parse_prompt_attention(prompt):
         if span.is_break:
             chunker.close()
             continue
-        for token in tokenizer.encode(span.text):
-            chunker.add(token, span.weight)
+        _add_span(chunker, tokenizer.encode(span.text), span.weight, lookup)
     chunker.finish()
     tokens = torch.tensor(chunker.chunk_tokens, dtype=torch.long)  # [n_chunks, 77]
     weights = torch.tensor(chunker.chunk_weights, dtype=torch.float32)  # [n_chunks, 77]
-    return PromptChunks(tokens=tokens, weights=weights)
+    fixes = tuple(EmbeddingFix(row, offset + 1, name) for row, chunk in enumerate(chunker.chunk_fixes) for offset, name in chunk)
+    return PromptChunks(tokens=tokens, weights=weights, fixes=fixes)
 
 
 def _pad_chunks(chunks: PromptChunks, n_chunks: int) -> PromptChunks:
@@ -322,20 +389,22 @@ def _pad_chunks(chunks: PromptChunks, n_chunks: int) -> PromptChunks:
     empty = torch.tensor([BOS] + [EOS] * (CHUNK_LENGTH + 1), dtype=torch.long).expand(missing, -1)
     tokens = torch.cat([chunks.tokens, empty])  # [n_chunks, 77]
     weights = torch.cat([chunks.weights, torch.ones(missing, CHUNK_LENGTH + 2)])  # [n_chunks, 77]
-    return PromptChunks(tokens=tokens, weights=weights)
+    return PromptChunks(tokens=tokens, weights=weights, fixes=chunks.fixes)
 
 
-def tokenize_batch(prompts: list[str], tokenizer: ClipTokenizer | None = None) -> PromptChunks:
+def tokenize_batch(prompts: list[str], tokenizer: ClipTokenizer | None = None, embeddings: dict[str, int] | None = None) -> PromptChunks:
     """Several prompts padded with empty chunks to the longest one's chunk count, as webui's `forward`
     does, so they encode as one batch: tokens and weights [batch, n_chunks, 77]."""
     if not prompts:
         raise ValueError("tokenize_batch needs at least one prompt")
-    per_prompt = [tokenize_prompt(prompt, tokenizer) for prompt in prompts]
+    per_prompt = [tokenize_prompt(prompt, tokenizer, embeddings=embeddings) for prompt in prompts]
     n_chunks = max(chunks.tokens.shape[0] for chunks in per_prompt)
     padded = [_pad_chunks(chunks, n_chunks) for chunks in per_prompt]
+    fixes = tuple(dataclasses.replace(fix, row=b * n_chunks + fix.row) for b, chunks in enumerate(padded) for fix in chunks.fixes)
     return PromptChunks(
         tokens=torch.stack([chunks.tokens for chunks in padded]),
         weights=torch.stack([chunks.weights for chunks in padded]),
+        fixes=fixes,
     )
 
 

@@ -1,7 +1,9 @@
 """Generation with LoRAs in the standalone host: `<lora:name:w>` tags resolved in LoRA folders.
 
 Names resolve like the webui's (§3.1): a file stem anywhere under the folders (recursive;
-.safetensors, .pt, .ckpt), else the `ss_output_name` alias in a .safetensors header.
+.safetensors, .pt, .ckpt), else the `ss_output_name` alias in a .safetensors header. A tagged file's
+bundled embeddings apply to the prompt (and the negative prompt) while it is tagged, whatever its
+strength, as the webui registers them; the first file bundling a token wins.
 """
 
 import os
@@ -12,7 +14,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from ..models.checkpoint import Checkpoint
-from ..models.pipeline import GenerationParams, generate
+from ..models.pipeline import Embeddings, GenerationParams, generate
+from .embeddings import vectors_for_model, widths_of
 from .errors import LoraNotFoundError
 from .files import LORA_SUFFIXES, load_lora
 from .patcher import ActiveLora, LoraPatcher
@@ -72,11 +75,27 @@ def load_tagged(tags: Sequence[LoraTag], lora_dirs: Iterable[str | os.PathLike])
     return active
 
 
+def bundled_embeddings(loras: Sequence[ActiveLora], text_models) -> Embeddings:
+    """Token -> vectors of the tagged files' bundled embeddings, checked against the model's encoders."""
+    widths = widths_of([model.module for model in text_models])
+    found: dict = {}
+    for active in loras:
+        source = str(active.lora.path or active.lora.name)
+        for name, vectors in vectors_for_model(active.lora.embeddings.values(), widths, source).items():
+            found.setdefault(name, vectors)
+    return found
+
+
 def generate_with_loras(ckpt: Checkpoint, params: GenerationParams, lora_dirs: Iterable[str | os.PathLike] = (),
-                        mode: str = "merge", callback: Callable | None = None):
-    """`generate` with the prompt's `<lora:...>` tags applied (and cut from the prompt), then undone."""
+                        mode: str = "merge", callback: Callable | None = None, embeddings: Embeddings | None = None):
+    """`generate` with the prompt's `<lora:...>` tags applied (and cut from the prompt), then undone; their
+    bundled embeddings, after `embeddings` (e.g. those being trained), replace their tokens in the prompts."""
     prompt, tags = extract_lora_tags(params.prompt)
     loras = load_tagged(tags, list(lora_dirs))
-    with LoraPatcher(ckpt.unet, text_models_for(ckpt.arch, ckpt.text_encoder, ckpt.text_encoder_2), mode) as patcher:
+    text_models = text_models_for(ckpt.arch, ckpt.text_encoder, ckpt.text_encoder_2)
+    vectors = dict(embeddings or {})
+    for name, found in bundled_embeddings(loras, text_models).items():
+        vectors.setdefault(name, found)
+    with LoraPatcher(ckpt.unet, text_models, mode) as patcher:
         patcher.apply(loras)
-        return generate(ckpt, replace(params, prompt=prompt), callback)
+        return generate(ckpt, replace(params, prompt=prompt), callback, vectors or None)

@@ -5,7 +5,9 @@ A saved file holds exactly the network's state dict (`<name>.lora_down.weight`, 
 kohya does. A loaded file is a `LoraFile`: one validated adapter module per name, so it knows each
 module's delta weight; every key is accounted for before anything can be applied. Files that
 diffusers/PEFT write (`unet.<path>.lora_A.weight`, `text_encoder_2.<path>.lora_B.weight`, no alpha
-tensors) are read by renaming their keys to kohya's (lora-format.md §9.3).
+tensors) are read by renaming their keys to kohya's (lora-format.md §9.3). Bundled textual-inversion
+embeddings (`bundle_emb.<token>...`, lora-format.md §7.8) are written and read beside the modules
+(`LoraFile.embeddings`), as the webui reads them (`embeddings.py`).
 """
 
 import json
@@ -18,6 +20,7 @@ from PIL import Image
 from ..atomic import write_atomically
 from ..models.tensor_files import read_tensor_file, write_safetensors
 from .base import AdapterModule
+from .embeddings import BundledEmbedding, embeddings_from_tensors, is_bundle_key
 from .errors import LoraFormatError
 from .metadata import sshs_hashes
 from .naming import SDXL_TEXT_PREFIXES, TEXT_PREFIX, UNET_PREFIX
@@ -31,11 +34,13 @@ CARD_SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")
 
 @dataclass
 class LoraFile:
-    """A loaded LoRA/LyCORIS file: module name -> validated adapter (unbound), and the header metadata."""
+    """A loaded LoRA/LyCORIS file: module name -> validated adapter (unbound), the header metadata, and its
+    bundled embeddings by token."""
 
     path: Path | None
     modules: dict[str, AdapterModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    embeddings: dict[str, BundledEmbedding] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -67,8 +72,8 @@ def save_lora(path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str
         if not isinstance(value, str):
             raise TypeError(f"metadata {key!r} must be a string (safetensors metadata is str -> str), got {type(value).__name__}")
     for key in state_dict:
-        if "." not in key or not key.startswith(KNOWN_PREFIXES):
-            raise LoraFormatError(f"{key}: not a kohya LoRA key (<lora_unet_|lora_te_...>.<param>)")
+        if "." not in key or not (key.startswith(KNOWN_PREFIXES) or is_bundle_key(key)):
+            raise LoraFormatError(f"{key}: not a kohya LoRA key (<lora_unet_|lora_te_...>.<param>, or bundle_emb.<token>...)")
     tensors = {k: v.detach().to("cpu", save_dtype).contiguous() for k, v in state_dict.items()}
     meta = dict(metadata) | sshs_hashes(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,13 +140,15 @@ def lora_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     if not tensors:
         raise LoraFormatError(f"{source}: holds no tensors")
     tensors = from_peft(tensors, metadata or {})
+    module_tensors = {k: v for k, v in tensors.items() if not is_bundle_key(k)}
     try:
-        modules = {name: module_from_tensors(name, group) for name, group in group_by_module(tensors, source).items()}
+        modules = {name: module_from_tensors(name, group) for name, group in group_by_module(module_tensors, source).items()}
+        embeddings = embeddings_from_tensors(tensors)
     except LoraFormatError as e:
         raise LoraFormatError(f"{source}: {e}") from e
     for module in modules.values():
         module.eval()  # loaded for inference: no training-time dropouts
-    return LoraFile(path, modules, dict(metadata or {}))
+    return LoraFile(path, modules, dict(metadata or {}), embeddings)
 
 
 def load_lora(path) -> LoraFile:

@@ -3,23 +3,27 @@ LoRANetwork; LyCORIS's kohya wrapper `lycoris/kohya.py` for LoHa, LoKr and DoRA)
 
 Each adapter is registered under its kohya name, so `state_dict()` has exactly the file's keys
 (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`; `.hada_w1_a`...; `.lokr_w1`...;
-`.dora_scale`) and `load_state_dict` resumes from a file. The adapters hook the host layers
+`.dora_scale`; pivotal tuning's token vectors under `bundle_emb.<token>...`) and `load_state_dict`
+resumes from a file. The adapters hook the host layers
 (`apply_to`/`remove`, or `with network:`); the host models' parameters, names and state dicts never
 change, so this works on the webui's model too.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..models.open_clip_text import FusedSlice
 from .base import AdapterModule
+from .blocks import TEXT_BLOCK, check_train_blocks, keeps, make_block_dims
+from .embeddings import BUNDLE_PREFIX, BundledEmbedding, TrainableEmbeddings
 from .errors import NetworkConfigError
 from .loha import LoHaModule
 from .lokr import LoKrModule
 from .lora import LoRAModule
-from .targets import Target, TextModel, as_text_models, num_res_blocks_of, text_targets, unet_targets
+from .naming import block_id
+from .targets import Target, TextModel, as_text_models, num_res_blocks_of, text_targets, unet_targets, uses_ldm_names
 
 ALGOS = ("lora", "loha", "lokr")
 
@@ -28,17 +32,31 @@ class LoraNetwork(nn.Module):
     """The adapters of one training run; text-encoder modules first, then UNet, as kohya orders them."""
 
     def __init__(self, text_modules: list[AdapterModule], unet_modules: list[AdapterModule], network_args: dict[str, str],
-                 network_module: str = "networks.lora"):
+                 network_module: str = "networks.lora", embeddings: Sequence[BundledEmbedding] = ()):
         super().__init__()
         for module in [*text_modules, *unet_modules]:
             if module.lora_name in self._modules:
                 raise NetworkConfigError(f"two layers map to the same kohya name {module.lora_name!r}")
             self.add_module(module.lora_name, module)
+        if embeddings:
+            self.add_module(BUNDLE_PREFIX, TrainableEmbeddings(embeddings))
         self._text_names = [m.lora_name for m in text_modules]
         self._unet_names = [m.lora_name for m in unet_modules]
         self._network_args = dict(network_args)
         self.network_module = network_module  # kohya's `--network_module`, for ss_network_module
         self._multiplier = 1.0
+
+    @property
+    def embeddings(self) -> TrainableEmbeddings | None:
+        """The pivotal-tuning token vectors, if this network learns any."""
+        return self._modules.get(BUNDLE_PREFIX)
+
+    def embedding_vectors(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Token -> its live vectors, one per text encoder; empty without pivotal tuning."""
+        return {} if self.embeddings is None else self.embeddings.vectors()
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [] if self.embeddings is None else list(self.embeddings.parameters())
 
     @property
     def multiplier(self) -> float:
@@ -112,13 +130,14 @@ def _check_args(algo, network_dim, network_alpha, conv_dim, conv_alpha, dropout,
 
 
 def network_module_and_args(algo, conv_dim, conv_alpha, rank_dropout, module_dropout, dora_wd=False,
-                            lokr_factor=-1) -> tuple[str, dict[str, str]]:
+                            lokr_factor=-1, block_args: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """kohya's `--network_module` and the `--network_args` pairs that rebuild this network (lora-format.md §8.1).
 
     Plain LoRA/LoCon is kohya's `networks.lora`; LoHa, LoKr and anything with DoRA is LyCORIS's
     `lycoris.kohya` with `algo` (`lora` without 3×3 convs, on LyCORIS's `attn-mlp` preset; `locon`
     with them), `factor`, `dora_wd` and `wd_on_output` (False: our input-axis DoRA) as LyCORIS reads them.
-    Network dim/alpha/dropout have their own ss_ keys.
+    `block_args` (`block_dims`... as kohya spells them, and our `train_blocks`, `cross_attention_only`,
+    which kohya's create_network ignores) are added as given. Network dim/alpha/dropout have their own ss_ keys.
     """
     args = {}
     lycoris = algo != "lora" or dora_wd
@@ -138,6 +157,7 @@ def network_module_and_args(algo, conv_dim, conv_alpha, rank_dropout, module_dro
         args["rank_dropout"] = str(rank_dropout)
     if module_dropout:
         args["module_dropout"] = str(module_dropout)
+    args |= block_args or {}
     return ("lycoris.kohya" if lycoris else "networks.lora"), args
 
 
@@ -157,6 +177,13 @@ def make_network(
     lokr_factor: int = -1,
     train_unet: bool = True,
     train_text_encoder: bool = True,
+    block_dims: Sequence[int] | None = None,
+    block_alphas: Sequence[float] | None = None,
+    conv_block_dims: Sequence[int] | None = None,
+    conv_block_alphas: Sequence[float] | None = None,
+    train_blocks: Collection[str] | None = None,
+    cross_attention_only: bool = False,
+    embeddings: Sequence[BundledEmbedding] = (),
     device: torch.device | str | None = None,
 ) -> LoraNetwork:
     """A fresh network with kohya's defaults and targets: `algo` lora (LoRA, or LoCon with conv_dim), loha or lokr.
@@ -165,30 +192,66 @@ def make_network(
     Linear and 1×1-conv layers get rank `network_dim`/`network_alpha`; 3×3 convs (only with conv_dim:
     kohya's LoCon targets, which LyCORIS's `full` preset also has) get `conv_dim`/`conv_alpha` (default 1,
     as kohya). `lokr_factor` splits LoKr's dimensions (LyCORIS `factor`). `dora_wd` adds DoRA's magnitude
-    to every adapter but those on OpenCLIP's fused q/k/v (see `_wants_dora`). `device` defaults to each
-    host layer's device; adapters are fp32 whatever the host's dtype. Not yet applied: call `apply_to()`
-    or use `with`.
+    to every adapter but those on OpenCLIP's fused q/k/v (see `_wants_dora`). `block_dims`... give the
+    UNet's ranks per block as kohya's network args do (blocks.py; conv_block_dims also brings in the 3×3
+    convs); `train_blocks` (LoRA-Block-Weight names, BASE = the text encoders) and `cross_attention_only`
+    (the UNet's attn2 layers) choose the layers; `embeddings` are token vectors learnt with the adapters
+    (pivotal tuning). `device` defaults to each host layer's device; adapters are fp32 whatever the
+    host's dtype. Not yet applied: call `apply_to()` or use `with`.
     """
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = 1.0
     _check_args(algo, network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, dora_wd, lokr_factor)
+    chosen = None if train_blocks is None else frozenset(train_blocks)
     text_models = as_text_models(text_encoder)
-    use_unet, use_text = unet is not None and train_unet, bool(text_models) and train_text_encoder
-    if not (use_unet or use_text):
+    use_unet = unet is not None and train_unet and (chosen is None or bool(chosen - {TEXT_BLOCK}))
+    use_text = bool(text_models) and train_text_encoder and (chosen is None or TEXT_BLOCK in chosen)
+    if not (use_unet or use_text or embeddings):
         raise NetworkConfigError("nothing to train: no UNet (or train_unet=False) and no text encoder (or train_text_encoder=False)")
+    blocks = make_block_dims(uses_ldm_names(unet), network_dim, network_alpha, conv_dim, conv_alpha, block_dims=block_dims,
+                             block_alphas=block_alphas, conv_block_dims=conv_block_dims,
+                             conv_block_alphas=conv_block_alphas) if unet is not None else None
+    if use_unet and chosen is not None:
+        check_train_blocks(chosen, unet_blocks(unet))
     options = {"module_dropout": module_dropout, "device": device}
     options |= {"dropout": dropout, "rank_dropout": rank_dropout} if algo == "lora" else {}
     options |= {"factor": lokr_factor} if algo == "lokr" else {}
     module_class = {"lora": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule}[algo]
 
-    def build(target: Target) -> AdapterModule:
-        rank, alpha = (conv_dim, conv_alpha) if target.kind == "conv" else (network_dim, network_alpha)
-        return module_class.for_layer(target.name, target.layer, rank, alpha, dora_wd=dora_wd and _wants_dora(target), **options)
+    def rank_alpha(target: Target) -> tuple[int, float] | None:
+        if target.component == "unet" and blocks is not None:
+            return blocks.rank_alpha(target)
+        return (conv_dim, conv_alpha) if target.kind == "conv" else (network_dim, network_alpha)
 
-    text = [build(t) for t in text_targets(text_models)] if use_text else []
-    unet_modules = [build(t) for t in unet_targets(unet, conv_dim is not None, num_res_blocks_of(unet))] if use_unet else []
-    module, args = network_module_and_args(algo, conv_dim, conv_alpha, rank_dropout, module_dropout, dora_wd, lokr_factor)
-    return LoraNetwork(text, unet_modules, args, module)
+    def build(targets: list[Target]) -> list[AdapterModule]:
+        ranks = [(t, rank_alpha(t)) for t in targets]
+        return [module_class.for_layer(t.name, t.layer, ra[0], ra[1], dora_wd=dora_wd and _wants_dora(t), **options)
+                for t, ra in ranks if ra is not None and ra[0] > 0]
+
+    text = build(text_targets(text_models)) if use_text else []
+    include_conv = conv_dim is not None or (blocks is not None and blocks.conv_dims is not None)
+    unet_modules = build([t for t in unet_targets(unet, include_conv, num_res_blocks_of(unet))
+                          if keeps(t, chosen, cross_attention_only)]) if use_unet else []
+    if not (text or unet_modules or embeddings):
+        raise NetworkConfigError("nothing to train: the chosen blocks, cross_attention_only and block_dims leave no layer an adapter")
+    block_args = _block_args(block_dims, block_alphas, conv_block_dims, conv_block_alphas, train_blocks, cross_attention_only)
+    module, args = network_module_and_args(algo, conv_dim, conv_alpha, rank_dropout, module_dropout, dora_wd, lokr_factor, block_args)
+    return LoraNetwork(text, unet_modules, args, module, embeddings)
+
+
+def unet_blocks(unet: nn.Module) -> set[str]:
+    """The LoRA-Block-Weight blocks a UNet has (IN00.., M00, OUT00..), from its module paths."""
+    return {block for path, _ in unet.named_modules() if (block := block_id(path)) is not None}
+
+
+def _block_args(block_dims, block_alphas, conv_block_dims, conv_block_alphas, train_blocks, cross_attention_only) -> dict[str, str]:
+    """kohya's spellings of the block options for ss_network_args (values comma-joined, as given on kohya's command line)."""
+    args = {name: ",".join(str(v) for v in values) for name, values in (
+        ("block_dims", block_dims), ("block_alphas", block_alphas), ("conv_block_dims", conv_block_dims),
+        ("conv_block_alphas", conv_block_alphas), ("train_blocks", train_blocks)) if values is not None}
+    if cross_attention_only:
+        args["cross_attention_only"] = "True"
+    return args
 
 
 def _wants_dora(target: Target) -> bool:

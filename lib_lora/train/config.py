@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.samplers import SAMPLERS
+from ..networks.prompt import BLOCK_IDS_26
 from .names import ALLOWED, name_problem
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
@@ -72,6 +73,23 @@ class TrainConfig:
     module_dropout: float = _opt(0.0, "probability of skipping a whole module for a step")
     network_train_unet_only: bool = _opt(False, "train the UNet only")
     network_train_text_encoder_only: bool = _opt(False, "train the text encoder only")
+    train_blocks: str = _opt("", "train only these LoRA-Block-Weight blocks, comma-separated: BASE (the text encoders), "
+                                 "IN00..IN11, M00, OUT00..OUT11 (SDXL: IN00..IN08, M00, OUT00..OUT08); empty = all")
+    cross_attention_only: bool = _opt(False, "UNet adapters on cross-attention (attn2 q/k/v/out) only; the text encoder is trained "
+                                             "unless network_train_unet_only")
+    block_dims: str = _opt("", "kohya's per-block ranks of linear layers: 25 comma-separated values IN00..IN11, MID, OUT00..OUT11 "
+                               "(SDXL 23: time/label emb, IN00..IN08, MID00..MID02, OUT00..OUT08, out); 0 = no adapter there")
+    block_alphas: str = _opt("", "kohya's per-block alphas, as block_dims (needs it; default network_alpha)")
+    conv_block_dims: str = _opt("", "kohya's per-block ranks of 3x3 convs, as block_dims (needs it and a conv network_type; "
+                                    "default conv_dim)")
+    conv_block_alphas: str = _opt("", "kohya's per-block alphas of 3x3 convs (needs conv_block_dims; default conv_alpha)")
+    # --- pivotal tuning
+    pivotal_tuning: bool = _opt(False, "also learn a new embedding for each trigger word, bundled in the LoRA file "
+                                       "(the webui loads it with the LoRA)")
+    embedding_lr: float = _opt(1e-3, "learning rate of the trigger words' embeddings (pivotal tuning)")
+    init_word: str = _opt("*", "word whose token embeddings start each trigger's embedding (kohya's init_word; the class, "
+                               "e.g. 'woman', usually works best)")
+    num_vectors_per_token: int = _opt(1, "vectors per trigger word's embedding (each takes one of a chunk's 75 tokens)")
     # --- optimisation
     max_train_epochs: int = _opt(1, "epochs; steps = images x repeats x epochs / batch / accumulation")
     max_train_steps: int = _opt(0, "if > 0, stop after this many optimizer steps instead")
@@ -121,7 +139,8 @@ class TrainConfig:
     training_comment: str = _opt("", "stored in the file's ss_training_comment")
 
     def __post_init__(self):
-        for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive):
+        for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive, _check_blocks,
+                      _check_pivotal):
             check(self)
 
     @property
@@ -142,12 +161,31 @@ class TrainConfig:
         return self.network_type in CONV_NETWORK_TYPES
 
     @property
+    def chosen_blocks(self) -> tuple[str, ...] | None:
+        """train_blocks as LoRA-Block-Weight names in their order, or None (all blocks)."""
+        if not self.train_blocks.strip():
+            return None
+        named = {name.strip().upper() for name in self.train_blocks.replace(" ", ",").split(",") if name.strip()}
+        return tuple(block for block in BLOCK_IDS_26 if block in named)
+
+    @property
     def train_unet(self) -> bool:
-        return not self.network_train_text_encoder_only
+        blocks = self.chosen_blocks
+        return not self.network_train_text_encoder_only and (blocks is None or blocks != ("BASE",))
 
     @property
     def train_text_encoder(self) -> bool:
-        return not self.network_train_unet_only
+        blocks = self.chosen_blocks
+        return not self.network_train_unet_only and (blocks is None or "BASE" in blocks)
+
+    def block_values(self, name: str) -> tuple[int, ...] | tuple[float, ...] | None:
+        """block_dims, block_alphas, conv_block_dims or conv_block_alphas parsed (ranks whole), or None when empty."""
+        return _block_values(name, getattr(self, name))
+
+    @property
+    def trigger_tokens(self) -> list[str]:
+        """The trigger words, each a token that pivotal tuning learns an embedding for."""
+        return [word.strip() for word in self.trigger_words.split(",") if word.strip()]
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -203,6 +241,8 @@ def _coerce(f: dataclasses.Field, value):
             return _switch(value)
         if isinstance(default, (int, float)):
             return _whole(value) if isinstance(default, int) else _number(value)
+        if f.name in LIST_TEXT_OPTIONS and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)  # a TOML array of ranks or block names
         if not isinstance(value, str):
             raise TypeError(f"not text: {value!r}")
         return value
@@ -212,6 +252,7 @@ def _coerce(f: dataclasses.Field, value):
         raise ConfigError(f"{f.name}: cannot use {given!r}, which needs {kind}") from e
 
 
+LIST_TEXT_OPTIONS = frozenset({"train_blocks", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"})
 SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -324,6 +365,84 @@ def _check_resolution(c: TrainConfig) -> None:
             raise ConfigError(f"{name}: {side} is above {MAX_SIDE} px (SDXL trains at 1024 px, SD1 at 512)")
     if c.enable_bucket and not c.min_bucket_reso <= min(c.resolution) <= max(c.resolution) <= c.max_bucket_reso:
         raise ConfigError(f"min_bucket_reso/max_bucket_reso: {c.min_bucket_reso}..{c.max_bucket_reso} must contain the resolution {c.resolution}")
+
+
+BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+BLOCK_COUNTS = {25: "SD1/SD2", 23: "SDXL"}  # kohya: IN00..IN11, MID, OUT00..OUT11; SDXL 1 + 9 + 3 + 9 + 1
+
+
+def _block_values(name: str, text: str) -> tuple | None:
+    if not text.strip():
+        return None
+    whole = name.endswith("dims")
+    try:
+        values = tuple((_whole if whole else _number)(v.strip()) for v in text.split(","))
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name}: {text!r} is not a comma-separated list of {'whole numbers' if whole else 'numbers'}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ConfigError(f"{name}: values must be finite and not negative, got {text!r}")
+    if len(values) not in BLOCK_COUNTS:
+        raise ConfigError(f"{name}: needs 25 values (SD1/SD2: IN00..IN11, MID, OUT00..OUT11) or 23 (SDXL: time/label emb, "
+                          f"IN00..IN08, MID00..MID02, OUT00..OUT08, out), got {len(values)}")
+    return values
+
+
+def _check_blocks(c: TrainConfig) -> None:
+    """kohya's block options (whose companions it silently ignores: refused here), train_blocks names, and a
+    choice that leaves something to train."""
+    values = {name: c.block_values(name) for name in BLOCK_OPTIONS}
+    lengths = {len(v) for v in values.values() if v is not None}
+    if len(lengths) > 1:
+        raise ConfigError(f"{', '.join(n for n in BLOCK_OPTIONS if values[n])}: give the same number of values to each")
+    for name, needs in (("block_alphas", "block_dims"), ("conv_block_dims", "block_dims"), ("conv_block_alphas", "conv_block_dims")):
+        if values[name] is not None and values[needs] is None:
+            raise ConfigError(f"{name}: works together with {needs} (kohya ignores it without); set {needs} too")
+    if values["conv_block_dims"] is not None and not c.conv_targets:
+        raise ConfigError(f"conv_block_dims: ranks of 3x3 convs, which network_type {c.network_type} does not train; choose locon")
+    if c.train_blocks.strip():
+        named = [n.strip().upper() for n in c.train_blocks.replace(" ", ",").split(",") if n.strip()]
+        unknown = [n for n in named if n not in BLOCK_IDS_26]
+        if unknown:
+            raise ConfigError(f"train_blocks: {', '.join(unknown)} is no block name; use BASE, IN00..IN11, M00, OUT00..OUT11")
+    if not (c.train_unet or c.train_text_encoder or c.pivotal_tuning):
+        raise ConfigError(f"train_blocks: {c.train_blocks!r} with "
+                          f"{'network_train_unet_only' if c.network_train_unet_only else 'network_train_text_encoder_only'} "
+                          f"leaves nothing to train")
+    if c.cross_attention_only and not c.train_unet:
+        raise ConfigError("cross_attention_only: chooses UNet layers, and no UNet is trained (network_train_text_encoder_only "
+                          "or train_blocks BASE)")
+
+
+MAX_VECTORS_PER_TOKEN = 75  # one chunk's tokens: the webui puts a longer embedding nowhere
+
+
+def _check_pivotal(c: TrainConfig) -> None:
+    if not c.pivotal_tuning:
+        return
+    if not c.trigger_tokens:
+        raise ConfigError("pivotal_tuning: learns an embedding per trigger word; set trigger_words")
+    dotted = [t for t in c.trigger_tokens if "." in t]
+    if dotted:
+        raise ConfigError(f"trigger_words: {dotted[0]!r} has a dot, which a bundled embedding's name cannot have "
+                          f"(the webui splits bundle_emb.<name>.<vector> at dots)")
+    if c.embedding_lr <= 0:
+        raise ConfigError(f"embedding_lr: must be positive for pivotal tuning, got {c.embedding_lr}")
+    if not 1 <= c.num_vectors_per_token <= MAX_VECTORS_PER_TOKEN:
+        raise ConfigError(f"num_vectors_per_token: must be 1 to {MAX_VECTORS_PER_TOKEN} (a prompt chunk's tokens), "
+                          f"got {c.num_vectors_per_token}")
+
+
+def check_for_arch(config: TrainConfig, arch: str) -> None:
+    """What only the base model can tell: block_dims' count (25 SD1/SD2, 23 SDXL) and SDXL's fewer blocks."""
+    sdxl = arch == "sdxl"
+    for name in BLOCK_OPTIONS:
+        values = config.block_values(name)
+        if values is not None and (len(values) == 23) != sdxl:
+            raise ConfigError(f"{name}: {len(values)} values are for {BLOCK_COUNTS[len(values)]}; this model is "
+                              f"{'SDXL' if sdxl else arch.upper()} and needs {23 if sdxl else 25}")
+    extra = [b for b in config.chosen_blocks or () if sdxl and b[-2:].isdigit() and int(b[-2:]) > 8]
+    if extra:
+        raise ConfigError(f"train_blocks: SDXL has no {', '.join(extra)} (its blocks: IN00..IN08, M00, OUT00..OUT08)")
 
 
 def _check_exclusive(c: TrainConfig) -> None:

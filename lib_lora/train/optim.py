@@ -83,8 +83,11 @@ def _adamw8bit(param_groups, **kwargs):
 
 
 def parameter_groups(unet_params: Iterable[torch.nn.Parameter], text_params: Iterable[torch.nn.Parameter], unet_lr: float,
-                     text_encoder_lr: float, text_2_params: Iterable[torch.nn.Parameter] = (), text_encoder_2_lr: float = 0.0) -> list[dict]:
-    """LoRA-only groups with their own learning rates (SDXL's second encoder apart); empty groups are left out."""
+                     text_encoder_lr: float, text_2_params: Iterable[torch.nn.Parameter] = (), text_encoder_2_lr: float = 0.0,
+                     embedding_params: Iterable[torch.nn.Parameter] = (), embedding_lr: float = 0.0) -> list[dict]:
+    """LoRA-only groups with their own learning rates (SDXL's second encoder apart, pivotal tuning's token
+    vectors apart); empty groups are left out."""
     groups = [{"params": list(unet_params), "lr": unet_lr, "name": "unet"}, {"params": list(text_params), "lr": text_encoder_lr, "name": "text_encoder"},
-              {"params": list(text_2_params), "lr": text_encoder_2_lr, "name": "text_encoder_2"}]
+              {"params": list(text_2_params), "lr": text_encoder_2_lr, "name": "text_encoder_2"},
+              {"params": list(embedding_params), "lr": embedding_lr, "name": "embeddings"}]
     return [g for g in groups if g["params"]]

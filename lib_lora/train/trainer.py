@@ -18,9 +18,10 @@ import torch
 
 from ..models.conditioning import Conditioning, sdxl_vector
 from ..models.schedule import NoiseSchedule, rescale_zero_terminal_snr
+from ..networks.embeddings import initial_embeddings
 from ..networks.network import make_network
 from .base_model import BaseModel
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
 from .distributed import Distributed
@@ -74,6 +75,10 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
 
     data = plan_training(config)
     run_dir = Path(run_dir or host.runs_dir / config.output_name)
+    check_for_arch(config, host.arch)
+    if config.pivotal_tuning and not host.trains_embeddings:
+        raise ConfigError("pivotal_tuning: this host cannot train embeddings yet (the webui's own prompt encoding); "
+                          "train standalone (python -m lib_lora train) or turn pivotal_tuning off")
     if not resume:
         check_output_free(config, host)
     if resume or not distributed.is_main:
@@ -87,6 +92,8 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         emit(TrainEvent("warning", message=note))
     outer_rng = torch.get_rng_state()  # the host's own random stream is given back untouched
     torch.manual_seed(config.seed)  # the LoRA down-projections' random init, and later dropout
+    embeddings = initial_embeddings([m.module for m in host.text_encoders], config.trigger_tokens, config.init_word,
+                                    config.num_vectors_per_token, device=host.device) if config.pivotal_tuning else ()
     network = make_network(
         host.unet if config.train_unet else None,
         host.text_encoders if config.train_text_encoder else None,
@@ -100,6 +107,13 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         module_dropout=config.module_dropout,
         dora_wd=config.dora_wd,
         lokr_factor=config.lokr_factor,
+        block_dims=config.block_values("block_dims"),
+        block_alphas=config.block_values("block_alphas"),
+        conv_block_dims=config.block_values("conv_block_dims"),
+        conv_block_alphas=config.block_values("conv_block_alphas"),
+        train_blocks=config.chosen_blocks,
+        cross_attention_only=config.cross_attention_only,
+        embeddings=embeddings,
         device=host.device,
     )
     host.clear_interrupt()
@@ -133,7 +147,7 @@ def _make_optimizer(config: TrainConfig, network, host):
     else:
         text, text_2 = network.text_encoder_parameters(), []
     groups = parameter_groups(network.unet_parameters(), text, config.effective_unet_lr, config.effective_text_encoder_lr,
-                              text_2, config.effective_text_encoder_2_lr)
+                              text_2, config.effective_text_encoder_2_lr, network.embedding_parameters(), config.embedding_lr)
     return make_optimizer(
         groups,
         optimizer_type=config.optimizer_type,
@@ -181,7 +195,7 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
             rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
             batch = encoder.encode(samples, data_rng, rows)
             noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
-            loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache) if len(batch.captions) else None
+            loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
             batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
             if not math.isfinite(batch_loss):
                 raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
@@ -215,9 +229,9 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
 
 
 def _can_cache_text(config: TrainConfig) -> bool:
-    """Text-encoder outputs are reusable only if the encoder is frozen and captions never change."""
+    """Text-encoder outputs are reusable only if the encoder and the trigger embeddings are frozen and captions never change."""
     varying = config.shuffle_caption or config.caption_dropout_rate > 0 or config.caption_tag_dropout_rate > 0
-    return not config.train_text_encoder and not varying
+    return not config.train_text_encoder and not config.pivotal_tuning and not varying
 
 
 def _grad_scaler(config: TrainConfig, host):
@@ -232,10 +246,11 @@ def _autocast(config: TrainConfig, host):
     return torch.autocast("cuda", dtype=torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16)
 
 
-def _encode_text(config, host, captions: list[str], text_cache: dict | None) -> Conditioning:
-    """The captions' conditioning; with a cache (frozen encoders, fixed captions) each caption is encoded once."""
+def _encode_text(config, host, captions: list[str], text_cache: dict | None, network) -> Conditioning:
+    """The captions' conditioning, the trigger words' embeddings in (pivotal tuning); with a cache (frozen
+    encoders, fixed captions) each caption is encoded once."""
     if text_cache is None:
-        return host.encode_text(captions, config.clip_skip)
+        return host.encode_text(captions, config.clip_skip, **_live_embeddings(network))
     missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
     if missing:
         with torch.no_grad():
@@ -243,6 +258,12 @@ def _encode_text(config, host, captions: list[str], text_cache: dict | None) -> 
             for i, caption in enumerate(missing):
                 text_cache[caption] = encoded[i : i + 1]
     return _same_length_cat([text_cache[c] for c in captions])
+
+
+def _live_embeddings(network) -> dict:
+    """`embeddings=` for the host's encode_text/generate when the network learns trigger embeddings, else nothing."""
+    vectors = network.embedding_vectors()
+    return {"embeddings": vectors} if vectors else {}
 
 
 def _same_length_cat(parts: list[Conditioning]) -> Conditioning:
@@ -272,7 +293,8 @@ def _draw_noise(config: TrainConfig, latent_shape: torch.Size, batch_size: int, 
     return noise, torch.randint(config.min_timestep, config.max_timestep, (batch_size,), generator=noise_rng)
 
 
-def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, text_cache) -> torch.Tensor:
+def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, text_cache,
+          network) -> torch.Tensor:
     """One micro-batch (or a process's rows of it): noise the latents, predict, weighted MSE against the target,
     summed over the rows and divided by the whole batch's size (one process: the mean)."""
     latents = batch.latents.to(host.device)
@@ -280,7 +302,7 @@ def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, nois
     alphas = schedule.alphas_cumprod
     noisy = add_noise(latents, noise, alphas.to(host.device), timesteps.to(host.device))
     with _autocast(config, host):
-        cond = _encode_text(config, host, batch.captions, text_cache)
+        cond = _encode_text(config, host, batch.captions, text_cache, network)
         prediction = _predict(host, noisy, timesteps.to(host.device), cond, batch.size_info)
     target = training_target(latents, noise, alphas.to(host.device), timesteps.to(host.device), schedule.parameterization)
     per_sample = masked_mse(prediction, target, None if batch.masks is None else batch.masks.to(host.device))
@@ -349,7 +371,7 @@ def validation_loss(config: TrainConfig, host, network, data: TrainingData) -> f
                 timesteps = torch.full((1,), t, device=host.device)
                 alphas = schedule.alphas_cumprod.to(host.device)
                 noisy = add_noise(latents, noise, alphas, timesteps)
-                cond = host.encode_text([batch.captions[0]], config.clip_skip)
+                cond = host.encode_text([batch.captions[0]], config.clip_skip, **_live_embeddings(network))
                 prediction = _predict(host, noisy, timesteps, cond, batch.size_info)
                 target = training_target(latents, noise, alphas, timesteps, schedule.parameterization)
                 losses.append(masked_mse(prediction, target, None).item())
@@ -365,7 +387,7 @@ def render_samples(config: TrainConfig, host, network, run: RunFolder, tag: str)
     try:
         for i, line in enumerate(config.sample_prompts):
             params = parse_sample_prompt(line, width=config.resolution[0], height=config.resolution[1], sampler=config.sample_sampler, clip_skip=config.clip_skip, default_seed=config.seed + i)
-            for j, image in enumerate(host.generate(params)):
+            for j, image in enumerate(host.generate(params, **_live_embeddings(network))):
                 path = run.samples / f"{tag}-{i:02d}-{j}.png"
                 image.save(path)
                 paths.append(path)

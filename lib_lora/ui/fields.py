@@ -23,6 +23,8 @@ LAYOUT: dict[str, dict[str, tuple[str, ...]]] = {
         "Network": ("network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "lokr_factor", "dora_wd"),
         "Dropout": ("network_dropout", "rank_dropout", "module_dropout"),
         "Parts": ("network_train_unet_only", "network_train_text_encoder_only"),
+        "Blocks": ("train_blocks", "cross_attention_only", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"),
+        "Pivotal tuning": ("pivotal_tuning", "embedding_lr", "init_word", "num_vectors_per_token"),
     },
     "Training": {
         "Schedule": ("max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "seed"),
