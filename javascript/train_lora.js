@@ -2,6 +2,7 @@
 // - Interrupt asks for confirmation first.
 // - Ctrl+Enter (Cmd+Enter) starts training on the Train LoRA tab, and generates on the
 //   standalone app's txt2img panel, like the webui's own Ctrl+Enter.
+// - In the webui, the Lora cards are refreshed when a run saves its file, so it is listed at once.
 // Loaded by the webui from javascript/ (Gradio 3 and 4 alike) and by `python -m lib_lora ui`.
 (function () {
     if (window.trainLoraLoaded) {
@@ -30,6 +31,29 @@
             event.preventDefault();
         }
     }, true);
+
+    // A finished run's file is in the Lora folder and works in prompts at once, but the webui's
+    // Lora cards are HTML built when the page was made: they list it only after their refresh
+    // runs (webui-integration.md fact 10). Click the hidden refresh buttons of both panels when
+    // the progress panel shows a new "Saved ..." line. Absent in the standalone app: no-op.
+    let lastSaved = null;
+    function refreshLoraCards() {
+        ["txt2img", "img2img"].forEach(function (tab) {
+            const button = root().querySelector("#" + tab + "_lora_extra_refresh_internal");
+            if (button) {
+                button.click();
+            }
+        });
+    }
+    function watchSaved() {
+        const saved = root().querySelector("#train_lora_progress .train-lora-final");
+        const text = saved ? saved.textContent : null;
+        if (text && text !== lastSaved) {
+            lastSaved = text;
+            refreshLoraCards();
+        }
+    }
+    new MutationObserver(watchSaved).observe(document, {childList: true, subtree: true, characterData: true});
 
     document.addEventListener("keydown", function (event) {
         if (!(event.key === "Enter" && (event.ctrlKey || event.metaKey))) {
