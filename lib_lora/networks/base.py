@@ -194,6 +194,18 @@ class AdapterModule(nn.Module):
                                       f"weight {tuple(layer.weight.shape)} needs [{out}, 1] (output-axis) or [1, {inp}] (input-axis)")
 
     # ---- injection, shared -----------------------------------------------------------------------
+    @classmethod
+    def trained_from(cls, lora_name: str, tensors: dict[str, torch.Tensor], alpha: float, layer: nn.Module, *,
+                     module_dropout: float = 0.0, dora_wd: bool = False) -> "AdapterModule":
+        """A trainable module from its initial factors (LoHa, LoKr): its DoRA magnitude taken from the layer, bound to it."""
+        device = next(iter(tensors.values())).device
+        module = cls(lora_name, tensors, torch.tensor(alpha, device=device), trainable=True)
+        module.module_dropout = module_dropout
+        if dora_wd:
+            module.init_dora(layer)
+        module.bind(layer)
+        return module
+
     def bind(self, layer: nn.Module) -> None:
         """Remember the host layer this module adds to (checked, not yet hooked)."""
         self.check_target(layer)

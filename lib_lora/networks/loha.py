@@ -45,12 +45,7 @@ class LoHaModule(AdapterModule):
             "hada_w2_a": torch.zeros(out, rank, device=device),  # the zero factor: ΔW = 0 until trained
             "hada_w2_b": torch.randn(rank, flat_in, device=device),
         }
-        module = cls(lora_name, tensors, torch.tensor(float(alpha or rank), device=device), trainable=True)
-        module.module_dropout = module_dropout
-        if dora_wd:
-            module.init_dora(layer)
-        module.bind(layer)
-        return module
+        return cls.trained_from(lora_name, tensors, float(alpha or rank), layer, module_dropout=module_dropout, dora_wd=dora_wd)
 
     @classmethod
     def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "LoHaModule":

@@ -59,12 +59,7 @@ class LoKrModule(AdapterModule):
         else:
             tensors |= {"lokr_w2_a": _kaiming(b, rank, device=device),
                         "lokr_w2_b": torch.zeros(rank, d * math.prod(kernel), device=device)}
-        module = cls(lora_name, tensors, torch.tensor(float(alpha or rank), device=device), trainable=True)
-        module.module_dropout = module_dropout
-        if dora_wd:
-            module.init_dora(layer)
-        module.bind(layer)
-        return module
+        return cls.trained_from(lora_name, tensors, float(alpha or rank), layer, module_dropout=module_dropout, dora_wd=dora_wd)
 
     @classmethod
     def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "LoKrModule":
