@@ -36,21 +36,35 @@
     // Lora cards are HTML built when the page was made: they list it only after their refresh
     // runs (webui-integration.md fact 10). Click the hidden refresh buttons of both panels when
     // the progress panel shows a new "Saved ..." line. Absent in the standalone app: no-op.
+    // One panel at a time: each refresh clears and refills the Lora extension's list of files on the
+    // server (networks.list_available_networks), so two at once can race and list only part of the files.
     let lastSaved = null;
-    function refreshLoraCards() {
-        ["txt2img", "img2img"].forEach(function (tab) {
-            const button = root().querySelector("#" + tab + "_lora_extra_refresh_internal");
-            if (button) {
-                button.click();
+    function refreshLoraCards(panels) {
+        const tab = panels[0];
+        const button = tab && root().querySelector("#" + tab + "_lora_extra_refresh_internal");
+        if (!button) {
+            if (panels.length > 1) {
+                refreshLoraCards(panels.slice(1));
             }
-        });
+            return;
+        }
+        const before = root().querySelector("#" + tab + "_lora_cards");
+        const started = Date.now();
+        button.click();
+        const timer = setInterval(function () {
+            // The webui replaces the cards' HTML when its refresh is done; give up waiting after a minute.
+            if (root().querySelector("#" + tab + "_lora_cards") !== before || Date.now() - started > 60000) {
+                clearInterval(timer);
+                refreshLoraCards(panels.slice(1));
+            }
+        }, 250);
     }
     function watchSaved() {
         const saved = root().querySelector("#train_lora_progress .train-lora-final");
         const text = saved ? saved.textContent : null;
         if (text && text !== lastSaved) {
             lastSaved = text;
-            refreshLoraCards();
+            refreshLoraCards(["txt2img", "img2img"]);
         }
     }
     new MutationObserver(watchSaved).observe(document, {childList: true, subtree: true, characterData: true});

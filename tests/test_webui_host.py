@@ -388,3 +388,30 @@ def test_sd2_run_trains_23_of_24_openclip_layers_as_kohya_names_them(webui_sd2, 
     assert len(text) == 6 * (layers - 1) and not any(f"_layers_{layers - 1}_" in n for n in text)
     assert lora.metadata["ss_base_model_version"] == "sd_v2_v" and lora.metadata["ss_v2"] == "True"
     assert lora.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+def test_attention_functions_the_session_swaps_are_given_back_exactly(webui, monkeypatch):
+    """undo_optimizations() puts ldm's VAE attention forward on sgm's AttnBlock, and an optimizer that leaves
+    AttnBlock alone (InvokeAI, the webui's CPU default) never puts sgm's back: SDXL images drifted after training."""
+    import types
+
+    modules = {}
+    for package in ("ldm", "sgm"):
+        model = types.ModuleType(f"{package}.modules.diffusionmodules.model")
+        model.nonlinearity = lambda x: x
+        model.AttnBlock = type("AttnBlock", (), {"forward": lambda self, x: x})
+        attention = types.ModuleType(f"{package}.modules.attention")
+        attention.CrossAttention = type("CrossAttention", (), {"forward": lambda self, x: x})
+        modules[package] = (model, attention)
+        monkeypatch.setitem(sys.modules, model.__name__, model)
+        monkeypatch.setitem(sys.modules, attention.__name__, attention)
+    originals = {p: (m.nonlinearity, m.AttnBlock.forward, a.CrossAttention.forward) for p, (m, a) in modules.items()}
+    sgm_model = modules["sgm"][0]
+
+    def undo():  # as the webui's: ldm's functions everywhere, sgm's VAE attention included
+        sgm_model.AttnBlock.forward = modules["ldm"][0].AttnBlock.forward
+
+    monkeypatch.setattr(webui.modules.sd_hijack, "undo_optimizations", undo)
+    with open_webui_host():
+        assert sgm_model.AttnBlock.forward is originals["ldm"][1]
+    assert {p: (m.nonlinearity, m.AttnBlock.forward, a.CrossAttention.forward) for p, (m, a) in modules.items()} == originals

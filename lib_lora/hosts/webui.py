@@ -339,11 +339,34 @@ def _training_attention() -> Iterator[None]:
     if _shared().opts.data.get("training_xattention_optimizations", False):
         yield
         return
+    saved = _attention_functions()
     sd_hijack.undo_optimizations()
     try:
         yield
     finally:
         sd_hijack.apply_optimizations()
+        # apply_optimizations() alone does not give back what was there: undo_optimizations() gives sgm's VAE
+        # AttnBlock ldm's forward, and optimizers that leave AttnBlock alone (InvokeAI, the CPU default) never put
+        # sgm's own back, so every later SDXL image decoded a little differently (17 of 196,608 values off by 1 at
+        # 256 px in webui 1.10.1 on the CPU). Put back exactly what was there.
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _attention_functions() -> list[tuple[object, str, object]]:
+    """The functions `sd_hijack.undo_optimizations` and `apply_optimizations` swap, as they are now."""
+    import importlib
+
+    saved = []
+    for package in ("ldm", "sgm"):
+        try:
+            model = importlib.import_module(f"{package}.modules.diffusionmodules.model")
+            attention = importlib.import_module(f"{package}.modules.attention")
+        except ImportError:
+            continue
+        saved += [(model, "nonlinearity", model.nonlinearity), (model.AttnBlock, "forward", model.AttnBlock.forward),
+                  (attention.CrossAttention, "forward", attention.CrossAttention.forward)]
+    return saved
 
 
 @contextmanager
