@@ -22,6 +22,8 @@ def controller():
             defaults=webui.config_defaults(),
             lora_dir=webui.output_dir(),
             runs_dir=webui.runs_dir(),
+            tool_lora_dirs=webui.lora_dirs(),
+            checkpoint_dirs=webui.checkpoint_dirs(),
             captioners=webui.captioners(),
             job_lock=binding.session,  # queue_lock + model preparation and restoration, around every use of the model
         )

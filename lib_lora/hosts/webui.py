@@ -524,6 +524,23 @@ def output_dir() -> Path:
     return Path(folder or Path(paths.models_path) / "Lora")
 
 
+def lora_dirs() -> tuple[Path, ...]:
+    """The Lora extension's folder (--lora-dir, else <models>/Lora): what the Tools' LoRA pickers list (§1.3)."""
+    from modules import paths
+
+    folder = getattr(_shared().cmd_opts, "lora_dir", None)
+    return (Path(folder or Path(paths.models_path) / "Lora"),)
+
+
+def checkpoint_dirs() -> tuple[Path, ...]:
+    """Where the webui lists checkpoints: --ckpt-dir (when given) first, then <models>/Stable-diffusion (sd_models.py);
+    the Tools' checkpoint pickers list them and bake writes into the first, so the webui lists the result."""
+    from modules import paths
+
+    given = getattr(_shared().cmd_opts, "ckpt_dir", None)
+    return tuple(dict.fromkeys([*([Path(given)] if given else []), Path(paths.models_path) / "Stable-diffusion"]))
+
+
 def runs_dir() -> Path:
     """Run folders (state, samples, logs): setting, else --train-lora-runs-dir, else <data>/outputs/train-lora.
 

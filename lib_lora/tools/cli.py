@@ -23,11 +23,7 @@ def _progress(items, description):
 
 def print_result(result: ToolResult, verbose: bool) -> None:
     """A summary line, then every module (verbose) or the ones with the largest error."""
-    errors = [m.error for m in result.modules]
-    ranks = sorted({m.rank for m in result.modules})
-    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
-    print(f"wrote {result.path}: {len(result.modules)} modules, ranks {ranks[0]}..{ranks[-1]}, relative error "
-          f"max {max(errors):.3g}, mean {sum(errors) / len(errors):.3g}{skipped}")
+    print(f"wrote {result.path}: {result.summary()}")
     shown = result.modules if verbose else sorted(result.modules, key=lambda m: -m.error)[:WORST_SHOWN]
     for m in shown:
         print(f"  {m.name}: rank {m.source_rank if m.source_rank is not None else '-'} -> {m.rank}, error {m.error:.3g}")

@@ -38,6 +38,14 @@ class ToolResult:
     def max_error(self) -> float:
         return max((m.error for m in self.modules), default=0.0)
 
+    def summary(self) -> str:
+        """"12 modules, ranks 2..4, relative error max 0.1, mean 0.05": the CLI's and the tab's first line."""
+        errors = [m.error for m in self.modules]
+        ranks = sorted({m.rank for m in self.modules})
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return (f"{len(self.modules)} modules, ranks {ranks[0]}..{ranks[-1]}, relative error max {max(errors):.3g}, "
+                f"mean {sum(errors) / len(errors):.3g}{skipped}")
+
 
 def parse_weighted(spec: str, default: float = 1.0) -> tuple[Path, float]:
     """`FILE[:WEIGHT]` -> (path, weight); a suffix that is no number stays part of the path (`C:\\x.safetensors`)."""

@@ -25,8 +25,7 @@ from ..train.presets import DEMO  # noqa: E402
 from .api import PREFIX, add_api_routes, parse_api_auth  # noqa: E402
 from .controller import TabController  # noqa: E402
 from .settings import TabSettings  # noqa: E402
-from .tab import GRADIO_MAJOR, USER_ERRORS, TrainTab, create_tab, listener_kwargs, note  # noqa: E402
-from .wiring import watcher  # noqa: E402
+from .tab import GRADIO_MAJOR, USER_ERRORS, TrainTab, create_tab, note  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]  # the extension root: javascript/ and style.css
 HISTORY = 8
@@ -50,6 +49,13 @@ def lora_names(host: StandaloneHost) -> str:
     return note(f"LoRAs in {host.lora_dir}: " + (", ".join(names) if names else "none yet") + ". Use <lora:name:weight> in the prompt; several blend.")
 
 
+def checkpoint_dirs(host: StandaloneHost, out_dir: Path) -> tuple[Path, ...]:
+    """`<out>/checkpoints` (bake writes there; made now) and the loaded checkpoint's folder: the Tools' checkpoint pickers."""
+    baked = Path(out_dir) / "checkpoints"
+    baked.mkdir(parents=True, exist_ok=True)
+    return (baked, host.checkpoint_path.parent) if host.checkpoint_path else (baked,)
+
+
 def build_app(host: StandaloneHost, options: AppOptions) -> gr.Blocks:
     return create_app(host, options)[0]
 
@@ -58,7 +64,7 @@ def create_app(host: StandaloneHost, options: AppOptions) -> tuple[gr.Blocks, Ta
     """The app's Blocks and the tab's controller (which the HTTP API is given)."""
     Path(host.lora_dir).mkdir(parents=True, exist_ok=True)
     settings = TabSettings(presets_dir=options.out_dir / "presets", defaults=DEMO if options.embedded else {}, lora_dir=Path(host.lora_dir),
-                           runs_dir=Path(host.runs_dir))
+                           runs_dir=Path(host.runs_dir), checkpoint_dirs=checkpoint_dirs(host, options.out_dir))
     tab_blocks, controller, tab = create_tab(host, settings)
     css, js = assets()
     extra = {"head": f"<script>{js}</script>"} if GRADIO_MAJOR >= 4 and js else {}
@@ -71,7 +77,6 @@ def create_app(host: StandaloneHost, options: AppOptions) -> tuple[gr.Blocks, Ta
                 tab_blocks.render()
             with gr.Tab("txt2img", elem_id="tab_lora_txt2img"):
                 build_txt2img(host, tab, 64 if options.embedded else 512)
-        app.load(watcher(tab), None, tab.watched, **listener_kwargs())  # re-attach after a reload
         if GRADIO_MAJOR < 4 and js:
             app.load(None, None, None, _js=f"() => {{ {js} }}")
     return app, controller

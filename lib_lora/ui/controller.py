@@ -156,8 +156,8 @@ class TabController:
             return None
         return Path(getattr(self.host or self.host_factory(), name))
 
-    def lora_dir(self) -> Path:
-        return self._folder("lora_dir")
+    def lora_dir(self, *, ask: bool = True) -> Path | None:
+        return self._folder("lora_dir", ask=ask)
 
     def runs_dir(self) -> Path:
         return self._folder("runs_dir")
@@ -165,10 +165,9 @@ class TabController:
     # --- run
     def start(self, values: dict, *, resume: bool = False, run_dir: str = "") -> TrainingJob:
         """Start training (or resume a run folder) in the background; a failed start is a failed job.
-        While a run is active, the running job is returned (a second Train re-attaches)."""
+        BusyError while a run is active: a second Train is refused (the tab keeps following the run)."""
         with self._start_lock:
-            if self._active():
-                return self.job
+            self._refuse_while_active()
             try:
                 config = None if resume else fields.config_from_widgets(values)
                 return self._launch(config, run_dir, resume=resume)
@@ -180,9 +179,13 @@ class TabController:
         """Start `config`, or resume `run_dir` when it is None (the HTTP API's start and resume).
         Raises BusyError while a run is active and ConfigError when the output name is taken."""
         with self._start_lock:
-            if self._active():
-                raise BusyError(f"{self.snapshot().name or 'a run'} is training; queue this one, or interrupt that one first")
+            self._refuse_while_active()
             return self._launch(config, run_dir, resume=config is None)
+
+    def _refuse_while_active(self) -> None:
+        if self._active():
+            raise BusyError(f"{self.snapshot().name or 'a run'} is training, so no second run was started; "
+                            f"add this one to the queue, or interrupt that one first")
 
     def resume_run(self, name: str) -> TrainingJob:
         """Resume the run folder `<runs_dir>/<name>` (the HTTP API); NotFoundError if there is none."""

@@ -20,6 +20,10 @@ class TabSettings:
     lora_dir: Path | None = None
     # Where run folders and the training queue (`<runs_dir>/queue/`) live; None asks the host (as lora_dir).
     runs_dir: Path | None = None
+    # Folders the Tools' LoRA pickers list besides the Lora output folder (the webui: its Lora folder).
+    tool_lora_dirs: tuple[Path, ...] = ()
+    # Folders the Tools' checkpoint pickers list (extract, bake); bake writes into the first. Empty: no checkpoint tools.
+    checkpoint_dirs: tuple[Path, ...] = ()
     # Image captioners the host offers, by name (the webui: BLIP, deepbooru); empty = captioning disabled.
     captioners: Mapping[str, Callable[[Image.Image], str]] = field(default_factory=dict)
     # Held around everything that uses the model: training, the comparison grid, captioning.

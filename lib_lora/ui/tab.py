@@ -104,7 +104,7 @@ class TrainTab:
 
     # --- layout
     def build(self) -> gr.Blocks:
-        with gr.Blocks(analytics_enabled=False) as blocks:
+        with gr.Blocks(analytics_enabled=False) as self.blocks:
             with gr.Row(elem_id=self.id("main")):
                 with gr.Column(scale=3, elem_id=self.id("options")):
                     self.build_presets()
@@ -118,11 +118,13 @@ class TrainTab:
                         with gr.Tab("Training", elem_id=self.id("tab_training")):
                             self.repeats = gr.HTML(repeats_html(self.initial_summary), elem_id=self.id("repeats"))
                             self.section("Training")
+                        with gr.Tab("Tools", elem_id=self.id("tab_tools")):
+                            self.build_tools()
                 with gr.Column(scale=2, elem_id=self.id("run")):
                     self.build_run()
                     self.build_after()
             self.wire()
-        return blocks
+        return self.blocks
 
     def build_presets(self):
         with gr.Row(elem_id=self.id("presets")):
@@ -174,6 +176,13 @@ class TrainTab:
             self.cap_run = gr.Button("Caption", interactive=bool(names), elem_id=self.id("caption"))
             self.cap_note = gr.HTML(note("" if names else NO_CAPTIONER))
 
+    def build_tools(self):
+        from .toolbox import Toolbox
+        from .tools_tab import ToolsPanel
+
+        self.tools = ToolsPanel(Toolbox(self.c), self.id)
+        self.tools.build()
+
     def build_run(self):
         self.summary = gr.HTML(summary_html(self.initial_summary), elem_id=self.id("summary"))
         with gr.Row():
@@ -182,6 +191,7 @@ class TrainTab:
             self.stop = gr.Button("Interrupt", variant="stop", elem_id=self.id("stop"))
             self.resume = gr.Button("Resume", elem_id=self.id("resume"))
             self.refresh = gr.Button("Refresh", elem_id=self.id("refresh"))
+        self.run_note = gr.HTML(elem_id=self.id("run_note"))
         self.run_dir = gr.Textbox(label="Run folder to resume", placeholder="(the last run)", elem_id=self.id("run_dir"))
         self.progress = gr.HTML(progress_html(self.c.snapshot()), elem_id=self.id("progress"))
         self.build_queue()

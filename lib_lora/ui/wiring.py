@@ -28,6 +28,7 @@ def wire(tab: TrainTab) -> None:
     wire_run(tab)
     wire_queue(tab)
     wire_after(tab)
+    tab.tools.wire()
 
 
 def wire_options(tab: TrainTab) -> None:
@@ -124,11 +125,13 @@ def wire_run(tab: TrainTab) -> None:
 
     def start(*args):
         tab.c.start(tab.values(args))
-        return progress_html(tab.c.snapshot())
+        return progress_html(tab.c.snapshot()), ""
 
     def resume(run_dir):
         tab.c.start({}, resume=True, run_dir=run_dir or "")
-        return progress_html(tab.c.snapshot())
+        return progress_html(tab.c.snapshot()), ""
+
+    refused = lambda message: (progress_html(tab.c.snapshot()), note(message, "error"))  # noqa: E731 - a run is active: follow it
 
     def interrupt():
         tab.c.interrupt()
@@ -138,8 +141,10 @@ def wire_run(tab: TrainTab) -> None:
         return files_update(tab, tab.values(args))
 
     for button, fn, inputs in ((tab.train, start, tab.inputs), (tab.resume, resume, [tab.run_dir])):
-        button.click(fn, inputs, [tab.progress], queue=False).then(watch, None, watched, **listener_kwargs()).then(list_files, tab.inputs, [tab.keep_file])
+        button.click(reporting(fn, refused), inputs, [tab.progress, tab.run_note], queue=False).then(watch, None, watched, **listener_kwargs()).then(
+            list_files, tab.inputs, [tab.keep_file])
     tab.refresh.click(watch, None, watched, **listener_kwargs())
+    tab.blocks.load(watch, None, watched, **listener_kwargs())  # a page reload (webui and app alike) re-attaches to the run
     tab.stop.click(interrupt, None, [tab.progress], queue=False)
 
 
