@@ -2,7 +2,7 @@
 // - Interrupt asks for confirmation first.
 // - Ctrl+Enter (Cmd+Enter) starts training on the Train LoRA tab, and generates on the
 //   standalone app's txt2img panel, like the webui's own Ctrl+Enter.
-// - In the webui, the Lora cards are refreshed when a run saves its file, so it is listed at once.
+// - In the webui, the Lora cards are refreshed when a run or a tool saves its file, so it is listed at once.
 // Loaded by the webui from javascript/ (Gradio 3 and 4 alike) and by `python -m lib_lora ui`.
 (function () {
     if (window.trainLoraLoaded) {
@@ -35,7 +35,7 @@
     // A finished run's file is in the Lora folder and works in prompts at once, but the webui's
     // Lora cards are HTML built when the page was made: they list it only after their refresh
     // runs (webui-integration.md fact 10). Click the hidden refresh buttons of both panels when
-    // the progress panel shows a new "Saved ..." line. Absent in the standalone app: no-op.
+    // the progress panel shows a new "Saved ..." line, or a tool a new file. Absent in the standalone app: no-op.
     // One panel at a time: each refresh clears and refills the Lora extension's list of files on the
     // server (networks.list_available_networks), so two at once can race and list only part of the files.
     let lastSaved = null;
@@ -60,8 +60,8 @@
         }, 250);
     }
     function watchSaved() {
-        const saved = root().querySelector("#train_lora_progress .train-lora-final");
-        const text = saved ? saved.textContent : null;
+        const saved = root().querySelectorAll("#train_lora_progress .train-lora-final, #train_lora_tools .train-lora-final");
+        const text = saved.length ? Array.from(saved, function (element) { return element.textContent; }).join("\n") : null;
         if (text && text !== lastSaved) {
             lastSaved = text;
             refreshLoraCards(["txt2img", "img2img"]);

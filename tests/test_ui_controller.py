@@ -90,7 +90,10 @@ def test_the_model_is_refused_while_training_holds_it(dataset, tiny_checkpoint_p
     with pytest.raises(BusyError):
         with controller.use_model("txt2img"):
             pass
-    assert controller.start(values(dataset)) is controller.job  # a second Train re-attaches, never starts twice
+    running = controller.job
+    with pytest.raises(BusyError, match="b is training, so no second run was started"):
+        controller.start(values(dataset, output_name="c"))
+    assert controller.job is running  # the tab goes on following the first run
     release.set()
     assert controller.job.wait(120) and controller.snapshot().status == "finished"
 

@@ -67,3 +67,16 @@ def test_the_standalone_app_builds(gr, tiny_checkpoint_path, tmp_path):
     ids = component_ids(app)
     assert {"lora_app_prompt", "lora_app_generate", "lora_app_image", "train_lora_train"} <= ids
     assert (tmp_path / "lora").is_dir()
+
+
+def test_a_page_load_re_attaches_the_run_panel_and_the_tools_are_there(gr, tmp_path):
+    """In the webui as in the app: opening or reloading the page starts the progress poller (one yield when idle)."""
+    from lib_lora.ui.tab import create_tab
+    from lib_lora.ui.settings import TabSettings
+
+    blocks, _, tab = create_tab(lambda: pytest.fail("no host at build"), TabSettings())
+    loads = [d for d in blocks.dependencies if d.get("trigger") == "load"]
+    assert [d["outputs"] for d in loads] == [[c._id for c in tab.watched]]
+    tools = {"train_lora_tab_tools", "train_lora_inspect_run", "train_lora_blend_run", "train_lora_resize_run", "train_lora_extract_run",
+             "train_lora_bake_run", "train_lora_run_note"}
+    assert tools <= component_ids(blocks)

@@ -58,6 +58,8 @@ def test_script_registers_the_tab_settings_and_unload(webui, tab_builder):
     ((host_factory, settings),) = tab_builder
     assert isinstance(host_factory.__self__, webui_host.WebuiTab) and settings.job_lock == host_factory.__self__.session
     assert settings.lora_dir == webui.root / "models" / "Lora" and settings.presets_dir == webui.root / "train-lora" / "presets"
+    assert settings.tool_lora_dirs == (webui.root / "models" / "Lora",)  # the Tools' pickers list the webui's folders
+    assert settings.checkpoint_dirs == (webui.root / "models" / "Stable-diffusion",)
     assert settings.runs_dir == webui.root / "outputs" / "train-lora"
     assert settings.defaults == {"clip_skip": 1, "mixed_precision": "no"} and set(settings.captioners) == {"BLIP", "DeepBooru"}
     assert registered["script_unloaded"][1:] == [webui_host.interrupt_active]
@@ -139,3 +141,10 @@ def test_install_adds_only_what_is_missing_and_never_touches_pins(webui, monkeyp
         words = command.split()
         assert words[:2] == ["install", "--no-deps"] and len(words) == 3 and not words[2].startswith("-")  # no -U, no extra packages
         assert re.split(r"[<>=]", words[2].strip('"'))[0] in {"lion-pytorch", "prodigyopt", "bitsandbytes"}
+
+
+def test_the_tools_list_the_webuis_ckpt_dir_first(webui, monkeypatch):
+    monkeypatch.setattr(webui.shared.cmd_opts, "ckpt_dir", str(webui.root / "mine"), raising=False)
+    monkeypatch.setattr(webui.shared.cmd_opts, "lora_dir", str(webui.root / "loras"))
+    assert webui_host.checkpoint_dirs() == (webui.root / "mine", webui.root / "models" / "Stable-diffusion")  # bake writes into the first
+    assert webui_host.lora_dirs() == (webui.root / "loras",)
