@@ -1,4 +1,5 @@
-"""The standalone app in a real browser: scan a dataset, train on the embedded model, use the LoRA.
+"""The standalone app in a real browser: scan a dataset, train on the embedded model, use the LoRA and the
+Tools; while a run trains, clicks and the API answer within 1 s and a page reload follows the run again.
 
 Starts `python -m lib_lora ui` on a free loopback port and drives Debian's Chromium with
 Playwright (never a downloaded browser). Screenshots of each state go to $LIB_LORA_SCREENSHOTS
@@ -141,6 +142,48 @@ def generate(page, prompt: str, count: int) -> bytes:
     return image_bytes(page, "#lora_app_image img")
 
 
+def pick(page, elem_id: str, label: str) -> None:
+    """Choose `label` in a dropdown; opening it refreshes its list (files written since the page loaded)."""
+    page.click(f"#{elem_id} input")
+    page.click(f"#{elem_id} li:has-text('{label}')", timeout=10_000)
+
+
+def use_the_tools(page, out_dir: Path) -> None:
+    """The Tools section on the trained file: inspect it, then resize it to rank 2 (a new file, its module report)."""
+    page.click("#train_lora_sections button:has-text('Tools')")
+    pick(page, "train_lora_inspect_file", "ui_test.safetensors")
+    page.click("#train_lora_inspect_run")
+    page.wait_for_selector("#train_lora_inspect_result pre", timeout=30_000)
+    report = page.inner_text("#train_lora_inspect_result")
+    assert "trigger phrase: zkz" in report and "architecture: " in report and "ranks: " in report
+    page.click("#train_lora_tool_resize >> text=Resize a LoRA")
+    pick(page, "train_lora_resize_file", "ui_test.safetensors")
+    fill(page, "train_lora_resize_rank", 2)
+    fill(page, "train_lora_resize_name", "ui_test_r2")
+    page.click("#train_lora_resize_run")
+    page.wait_for_function("document.querySelector('#train_lora_resize_result').innerText.includes('wrote ui_test_r2.safetensors')",
+                           timeout=30_000)
+    assert page.locator("#train_lora_resize_result tbody tr").count() > 10  # one row per module, with its error
+    assert (out_dir / "lora" / "ui_test_r2.safetensors").is_file()
+
+
+def answered_within(page, action, done: str, limit_s: float = 1.0) -> float:
+    """Seconds from `action()` to the page showing `done` (a JS condition); fails beyond `limit_s`."""
+    started = time.perf_counter()
+    action()
+    page.wait_for_function(done, timeout=10_000)
+    elapsed = time.perf_counter() - started
+    assert elapsed < limit_s, f"the page took {elapsed:.2f} s to answer while training"
+    return elapsed
+
+
+def progress_get_seconds(url: str) -> float:
+    started = time.perf_counter()
+    with urllib.request.urlopen(url + "train-lora/v1/progress", timeout=5) as response:
+        assert response.status == 200 and b'"status"' in response.read()
+    return time.perf_counter() - started
+
+
 def test_train_in_the_browser_then_generate_with_the_lora(app, shots, docs, tmp_path):
     from lib_lora.demo.dataset import make_lora_dataset
 
@@ -194,10 +237,13 @@ def test_train_in_the_browser_then_generate_with_the_lora(app, shots, docs, tmp_
         after = page_box(page, "#train_lora_after")["y"]
         docs_shot(page, docs, "tab-finished.png", after, "#train_lora_cmp_grid", column="#train_lora_run")
 
+        use_the_tools(page, out_dir)
+        page.screenshot(path=shots / "4-tools.png", full_page=True)
+
         page.click("button:has-text('txt2img')")
         without = generate(page, "a zkz star <lora:ui_test:0>", 1)
         with_lora = generate(page, "a zkz star <lora:ui_test:1>", 2)  # last, so the panel (and its picture) shows the LoRA's image
-        page.screenshot(path=shots / "4-txt2img.png", full_page=True)
+        page.screenshot(path=shots / "5-txt2img.png", full_page=True)
         docs_shot(page, docs, "txt2img.png", below_header(page), "#tab_lora_txt2img")
         browser.close()
     assert with_lora != without
@@ -222,6 +268,14 @@ def test_queue_two_runs_from_the_tab_they_finish_in_order(app, shots, tmp_path):
         fill(page, "train_lora_output_name", "first")
         page.click("#train_lora_queue_add")
         page.wait_for_function("document.querySelector('#train_lora_queue_note').innerText.includes('first started')", timeout=15_000)
+        page.wait_for_selector("#train_lora_progress [data-status='running']", timeout=TRAIN_TIMEOUT_S * 1000)
+        refused = "document.querySelector('#train_lora_run_note').innerText.includes('first is training, so no second run was started')"
+        answered_within(page, lambda: page.click("#train_lora_train"), refused)  # a click answered while training: a second Train is refused
+        assert progress_get_seconds(url) < 1.0
+        page.click("button:has-text('txt2img')")
+        busy = "document.querySelector('#lora_app_info').innerText.includes('the model is busy')"
+        answered_within(page, lambda: page.click("#lora_app_generate"), busy)  # training and generation take turns
+        page.click("button:has-text('Train LoRA')")
 
         fill(page, "train_lora_max_train_epochs", 1)
         for name in ("second", "third"):
@@ -234,18 +288,21 @@ def test_queue_two_runs_from_the_tab_they_finish_in_order(app, shots, tmp_path):
         page.wait_for_function("document.querySelector('#train_lora_queue_note').innerText.includes('third is now job 1 of 2')", timeout=15_000)
         rows = page.locator("#train_lora_queue tbody tr").all_inner_texts()
         assert [row.split("\t")[1] for row in rows] == ["third", "second"]
-        page.screenshot(path=shots / "5-queue.png", full_page=True)
+        page.screenshot(path=shots / "6-queue.png", full_page=True)
         page.click("#train_lora_queue_remove")
         page.wait_for_function("document.querySelector('#train_lora_queue_note').innerText.includes('removed third')", timeout=15_000)
         assert "third" not in page.inner_text("#train_lora_queue")
 
+        page.reload()  # the page re-attaches: its poller follows the run and the queue to their end
+        page.wait_for_selector("#train_lora_progress [data-status='running'], #train_lora_progress [data-status='finished']", timeout=15_000)
+        page.screenshot(path=shots / "7-reloaded.png", full_page=True)
         ended = "document.querySelector('#train_lora_queue').innerText.includes('second finished')"
         page.wait_for_function(ended, timeout=2 * TRAIN_TIMEOUT_S * 1000)
         assert "first finished \u00b7 second finished" in page.inner_text("#train_lora_queue")
         assert "The queue is empty" in page.inner_text("#train_lora_queue")
         page.wait_for_selector("#train_lora_progress [data-status='finished']", timeout=10_000)
         assert "second" in page.inner_text("#train_lora_progress") and "step 4/4" in page.inner_text("#train_lora_progress")
-        page.screenshot(path=shots / "6-queue-done.png", full_page=True)
+        page.screenshot(path=shots / "8-queue-done.png", full_page=True)
         browser.close()
     first, second = out_dir / "lora" / "first.safetensors", out_dir / "lora" / "second.safetensors"
     assert first.is_file() and second.is_file() and not (out_dir / "lora" / "third.safetensors").exists()

@@ -61,7 +61,7 @@ def test_inspect_shows_the_report(panel):
 
 
 def test_blend_and_resize_write_their_files_with_a_module_report(panel, tmp_path):
-    blended = panel.blend(["A.safetensors", "B.safetensors"], "1, 0.5", None, None, "as the input", "AB")
+    blended = panel.blend(["A.safetensors", "B.safetensors"], "1, 0.5", 0, 0, "as the input", "AB")  # 0: as Gradio 3 sends an empty field
     assert "wrote AB.safetensors: " in blended and "relative error max 0," in blended
     assert ranks(tmp_path / "lora" / "AB.safetensors") == {7, 4, 2}  # 4 + 3 where both have the module; A's convs alone
     resized = panel.resize("A.safetensors", "fixed rank", 2, None, None, "fp16", "A_r2")

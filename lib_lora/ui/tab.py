@@ -118,7 +118,7 @@ class TrainTab:
                         with gr.Tab("Training", elem_id=self.id("tab_training")):
                             self.repeats = gr.HTML(repeats_html(self.initial_summary), elem_id=self.id("repeats"))
                             self.section("Training")
-                        with gr.Tab("Tools", elem_id=self.id("tab_tools")):
+                        with gr.Tab("Tools", elem_id=self.id("tab_tools")) as self.tools_tab:
                             self.build_tools()
                 with gr.Column(scale=2, elem_id=self.id("run")):
                     self.build_run()

@@ -61,8 +61,8 @@ def parse_weights(text: str, count: int, field: str) -> list[float]:
 
 
 def whole_number(value, field: str, *, optional: bool = False) -> int | None:
-    """A positive integer from a Number widget (None when empty and `optional`)."""
-    if value is None or value == "":
+    """A positive integer from a Number widget; an `optional` one is None when 0 or empty (Gradio 3 sends 0 for empty)."""
+    if value is None or value == "" or (optional and value == 0):
         if optional:
             return None
         raise ToolError(f"{field}: give a positive whole number")

@@ -2,7 +2,7 @@
 
 Layout and wiring only; what the tools do with the fields is `Toolbox` (plain, tested without a
 browser). Each handler returns one HTML block: the note naming the file written and its per-module
-report, or the error naming the field. The file lists refresh when opened (new files appear at once).
+report, or the error naming the field. The file lists refresh when the section or the list is opened.
 """
 
 from collections.abc import Callable
@@ -93,9 +93,9 @@ class ToolsPanel:
                 self.blend_weights = gr.Textbox(label="Weights", placeholder="1, 0.5", info="one per file, in their order; empty: 1 each",
                                                 elem_id=self.id("blend_weights"))
             with gr.Row():
-                self.blend_rank = gr.Number(label="Rank", precision=0, info="empty: exact, the ranks add up; a rank: SVD to it",
+                self.blend_rank = gr.Number(label="Rank", value=0, precision=0, info="0: exact, the ranks add up; a rank: SVD to it",
                                             elem_id=self.id("blend_rank"))
-                self.blend_conv_rank = gr.Number(label="Conv rank", precision=0, info="3x3 convs (empty: the rank)", elem_id=self.id("blend_conv_rank"))
+                self.blend_conv_rank = gr.Number(label="Conv rank", value=0, precision=0, info="3x3 convs (0: the rank)", elem_id=self.id("blend_conv_rank"))
                 self.blend_precision = self.precision("blend")
             self.blend_name, self.blend_run, self.blend_result = self.output_fields("blend", "Blend", "my_blend")
 
@@ -105,11 +105,11 @@ class ToolsPanel:
                 self.resize_file = self.lora_picker("LoRA file", "resize_file")
                 self.resize_method = gr.Dropdown(choices=list(RESIZE_RULES), value="fixed rank", label="Keep", elem_id=self.id("resize_method"))
             with gr.Row():
-                self.resize_rank = gr.Number(label="Rank", value=8, precision=0, info="the new rank; with a kept fraction, the most kept",
+                self.resize_rank = gr.Number(label="Rank", value=8, precision=0, info="the new rank; with a kept fraction, the most kept (0: no limit)",
                                              elem_id=self.id("resize_rank"))
                 self.resize_kept = gr.Number(label="Kept", value=0.9, info="fraction 0..1 (sv_fro, sv_cumulative) or ratio >= 1 (sv_ratio)",
                                              elem_id=self.id("resize_kept"))
-                self.resize_conv_rank = gr.Number(label="Conv rank", precision=0, info="3x3 convs (empty: the rank)", elem_id=self.id("resize_conv_rank"))
+                self.resize_conv_rank = gr.Number(label="Conv rank", value=0, precision=0, info="3x3 convs (0: the rank)", elem_id=self.id("resize_conv_rank"))
                 self.resize_precision = self.precision("resize")
             self.resize_name, self.resize_run, self.resize_result = self.output_fields("resize", "Resize", "my_lora_r8")
 
@@ -120,7 +120,7 @@ class ToolsPanel:
                 self.extract_tuned = self.checkpoint_picker("Tuned checkpoint", "extract_tuned")
             with gr.Row():
                 self.extract_rank = gr.Number(label="Rank", value=16, precision=0, elem_id=self.id("extract_rank"))
-                self.extract_conv_rank = gr.Number(label="Conv rank", precision=0, info="empty: no 3x3 convs (LoRA); a rank: LoCon",
+                self.extract_conv_rank = gr.Number(label="Conv rank", value=0, precision=0, info="0: no 3x3 convs (LoRA); a rank: LoCon",
                                                    elem_id=self.id("extract_conv_rank"))
                 self.extract_min_diff = gr.Number(label="Minimum difference", value=0.01, info="layers differing less are left out",
                                                   elem_id=self.id("extract_min_diff"))
@@ -158,8 +158,15 @@ class ToolsPanel:
         progress(None, desc="baking: loading, merging and saving the checkpoint")
         return shown(lambda: self.tools.bake(base or "", labels or [], weights, name, bool(fp16)))
 
+    def listed(self) -> list:
+        """Fresh choices for every picker (LoRA pickers, then checkpoint pickers)."""
+        loras, checkpoints = list(self.tools.loras()), list(self.tools.checkpoints())
+        return [gr.update(choices=loras)] * len(self.lora_pickers) + [gr.update(choices=checkpoints)] * len(self.checkpoint_pickers)
+
     # --- wiring
-    def wire(self):
+    def wire(self, opened):
+        """`opened`: the section's tab, whose opening refreshes every file list (an open list shows no late update)."""
+        opened.select(self.listed, None, [*self.lora_pickers, *self.checkpoint_pickers], queue=False, show_progress="hidden")
         self.inspect_run.click(self.inspect, [self.inspect_file], [self.inspect_result])
         self.blend_run.click(self.blend, [self.blend_files, self.blend_weights, self.blend_rank, self.blend_conv_rank, self.blend_precision,
                                           self.blend_name], [self.blend_result])

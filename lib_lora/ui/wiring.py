@@ -28,7 +28,7 @@ def wire(tab: TrainTab) -> None:
     wire_run(tab)
     wire_queue(tab)
     wire_after(tab)
-    tab.tools.wire()
+    tab.tools.wire(opened=tab.tools_tab)
 
 
 def wire_options(tab: TrainTab) -> None:
