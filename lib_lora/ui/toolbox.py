@@ -111,7 +111,7 @@ class Toolbox:
             raise ToolError(f"{field}: choose a file")
         if label not in files:
             where = ", ".join(str(f) for f in folders) or "no folder"
-            raise ToolError(f"{field}: {label!r} is not a file in {where}; press the list's refresh or pick another")
+            raise ToolError(f"{field}: {label!r} is not a file in {where}; open the list again (it refreshes) and pick one")
         return files[label]
 
     def _lora(self, label: str, field: str) -> Path:
