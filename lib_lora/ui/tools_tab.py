@@ -15,6 +15,8 @@ from ..tools.common import Progress
 from .tab import USER_ERRORS, note
 from .toolbox import AS_INPUT, PRECISIONS, RESIZE_RULES, ToolOutput, Toolbox
 
+CONV_RANK_INFO = "3x3 convs (0: the rank)"
+
 
 def tracked(progress) -> Progress:
     """The tools' `progress(items, description)` as Gradio's progress bar (module i of n)."""
@@ -83,6 +85,9 @@ class ToolsPanel:
                 self.inspect_run = gr.Button("Inspect", elem_id=self.id("inspect_run"))
             self.inspect_result = gr.HTML(elem_id=self.id("inspect_result"))
 
+    def number(self, name: str, label: str, value: float, info: str | None = None, whole: bool = True):
+        return gr.Number(label=label, value=value, precision=0 if whole else None, info=info, elem_id=self.id(name))
+
     def precision(self, name: str, value: str = AS_INPUT):
         return gr.Dropdown(choices=list(PRECISIONS), value=value, label="Save as", elem_id=self.id(name + "_precision"))
 
@@ -93,9 +98,8 @@ class ToolsPanel:
                 self.blend_weights = gr.Textbox(label="Weights", placeholder="1, 0.5", info="one per file, in their order; empty: 1 each",
                                                 elem_id=self.id("blend_weights"))
             with gr.Row():
-                self.blend_rank = gr.Number(label="Rank", value=0, precision=0, info="0: exact, the ranks add up; a rank: SVD to it",
-                                            elem_id=self.id("blend_rank"))
-                self.blend_conv_rank = gr.Number(label="Conv rank", value=0, precision=0, info="3x3 convs (0: the rank)", elem_id=self.id("blend_conv_rank"))
+                self.blend_rank = self.number("blend_rank", "Rank", 0, "0: exact, the ranks add up; a rank: SVD to it")
+                self.blend_conv_rank = self.number("blend_conv_rank", "Conv rank", 0, CONV_RANK_INFO)
                 self.blend_precision = self.precision("blend")
             self.blend_name, self.blend_run, self.blend_result = self.output_fields("blend", "Blend", "my_blend")
 
@@ -105,11 +109,10 @@ class ToolsPanel:
                 self.resize_file = self.lora_picker("LoRA file", "resize_file")
                 self.resize_method = gr.Dropdown(choices=list(RESIZE_RULES), value="fixed rank", label="Keep", elem_id=self.id("resize_method"))
             with gr.Row():
-                self.resize_rank = gr.Number(label="Rank", value=8, precision=0, info="the new rank; with a kept fraction, the most kept (0: no limit)",
-                                             elem_id=self.id("resize_rank"))
-                self.resize_kept = gr.Number(label="Kept", value=0.9, info="fraction 0..1 (sv_fro, sv_cumulative) or ratio >= 1 (sv_ratio)",
-                                             elem_id=self.id("resize_kept"))
-                self.resize_conv_rank = gr.Number(label="Conv rank", value=0, precision=0, info="3x3 convs (0: the rank)", elem_id=self.id("resize_conv_rank"))
+                self.resize_rank = self.number("resize_rank", "Rank", 8, "the new rank; with a kept fraction, the most kept (0: no limit)")
+                self.resize_kept = self.number("resize_kept", "Kept", 0.9, "fraction 0..1 (sv_fro, sv_cumulative) or ratio >= 1 (sv_ratio)",
+                                               whole=False)
+                self.resize_conv_rank = self.number("resize_conv_rank", "Conv rank", 0, CONV_RANK_INFO)
                 self.resize_precision = self.precision("resize")
             self.resize_name, self.resize_run, self.resize_result = self.output_fields("resize", "Resize", "my_lora_r8")
 
@@ -119,11 +122,9 @@ class ToolsPanel:
                 self.extract_base = self.checkpoint_picker("Base checkpoint", "extract_base")
                 self.extract_tuned = self.checkpoint_picker("Tuned checkpoint", "extract_tuned")
             with gr.Row():
-                self.extract_rank = gr.Number(label="Rank", value=16, precision=0, elem_id=self.id("extract_rank"))
-                self.extract_conv_rank = gr.Number(label="Conv rank", value=0, precision=0, info="0: no 3x3 convs (LoRA); a rank: LoCon",
-                                                   elem_id=self.id("extract_conv_rank"))
-                self.extract_min_diff = gr.Number(label="Minimum difference", value=0.01, info="layers differing less are left out",
-                                                  elem_id=self.id("extract_min_diff"))
+                self.extract_rank = self.number("extract_rank", "Rank", 16)
+                self.extract_conv_rank = self.number("extract_conv_rank", "Conv rank", 0, "0: no 3x3 convs (LoRA); a rank: LoCon")
+                self.extract_min_diff = self.number("extract_min_diff", "Minimum difference", 0.01, "layers differing less are left out", whole=False)
             with gr.Row():
                 self.extract_precision = self.precision("extract", "fp16")
                 self.extract_device = gr.Dropdown(choices=devices(), value="cpu", label="SVD on", elem_id=self.id("extract_device"))
