@@ -516,12 +516,9 @@ def interrupt_active() -> None:
 
 
 def output_dir() -> Path:
-    """Where finished LoRAs go: --train-lora-output-dir, else the Lora extension's --lora-dir (§1.3)."""
-    from modules import paths
-
-    cmd_opts = _shared().cmd_opts
-    folder = getattr(cmd_opts, "train_lora_output_dir", None) or getattr(cmd_opts, "lora_dir", None)
-    return Path(folder or Path(paths.models_path) / "Lora")
+    """Where finished LoRAs go: --train-lora-output-dir, else the Lora extension's folder (§1.3)."""
+    folder = getattr(_shared().cmd_opts, "train_lora_output_dir", None)
+    return Path(folder) if folder else lora_dirs()[0]
 
 
 def lora_dirs() -> tuple[Path, ...]:
