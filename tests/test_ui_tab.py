@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lib_lora_and_the_plain_ui_modules_import_without_gradio():
-    code = ("import sys; import lib_lora, lib_lora.__main__, lib_lora.ui, lib_lora.ui.controller, lib_lora.ui.chart; "
+    code = ("import sys; import lib_lora, lib_lora.__main__, lib_lora.ui, lib_lora.ui.controller, lib_lora.ui.chart, lib_lora.ui.toolbox; "
             "assert 'gradio' not in sys.modules, 'gradio was imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

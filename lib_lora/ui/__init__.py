@@ -1,8 +1,9 @@
 """The Train LoRA tab (Gradio), shared by the webui extension and `python -m lib_lora ui`.
 
-Gradio is imported only by `tab.py`, `wiring.py` and `app.py`; everything the tab computes
-(step math, warnings, the dataset report, the loss chart, tag edits, crops, the comparison grid,
-keeping an epoch, the background job) lives in plain modules beside them, tested without Gradio.
+Gradio is imported only by `tab.py`, `wiring.py`, `tools_tab.py` and `app.py`; everything the tab
+computes (step math, warnings, the dataset report, the loss chart, tag edits, crops, the comparison
+grid, keeping an epoch, the background job, the Tools section's `toolbox.py`) lives in plain modules
+beside them, tested without Gradio.
 
 Embedding (the webui's `on_ui_tabs`, and `on_app_started` for the HTTP API, `api.py`)::
 
