@@ -107,4 +107,11 @@ class LazyTensors(Mapping):
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                       before_replace: Callable[[], None] | None = None) -> Path:
     """Save a .safetensors file atomically, with a plain write's permissions (lib_lora/atomic.py)."""
-    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), before_replace)
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), before_replace,
+                            size=safetensors_size(tensors, metadata))
+
+
+def safetensors_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """About the file's size: the tensors' bytes plus a header of their names, shapes and the metadata."""
+    header = len(json.dumps(metadata or {})) + sum(len(name) + 96 for name in tensors)  # 96: dtype, shape and offsets
+    return header + sum(t.numel() * t.element_size() for t in tensors.values())

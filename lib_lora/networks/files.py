@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..atomic import write_atomically
+from ..atomic import write_atomically, write_bytes_atomically
 from ..models.tensor_files import read_tensor_file, write_safetensors
 from .base import AdapterModule
 from .embeddings import BundledEmbedding, embeddings_from_tensors, is_bundle_key
@@ -186,7 +186,7 @@ def write_card(path_or_stem, activation_text: str = "", preferred_weight: float 
         "notes": notes,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(card, indent=4, ensure_ascii=False), encoding="utf-8"))
+    write_bytes_atomically(json_path, json.dumps(card, indent=4, ensure_ascii=False).encode("utf-8"))
     if preview is None:
         return json_path, None
     write_atomically(preview_path, lambda tmp: preview.save(tmp, format="PNG"))

@@ -23,6 +23,8 @@ from ..data.split import split_validation
 from .base_model import BaseModel, model_warnings
 from .config import TrainConfig
 
+LATENT_CHANNELS, LATENT_FILE_HEADER = 4, 128  # SD1/SD2/SDXL latents; a one-tensor safetensors header
+
 
 @dataclass
 class TrainingData:
@@ -66,6 +68,13 @@ def plan_training(config: TrainConfig) -> TrainingData:
     )
     held_out = [Sample(item, choices[item].bucket) for item in validation.items()] if validation else []
     return TrainingData(train, reg, validation, samples, steps, buckets, held_out, choices)
+
+
+def latent_cache_bytes(data: TrainingData, flip_aug: bool) -> int:
+    """About the disk a full latent cache takes: one fp32 [4, h/8, w/8] file per image and bucket, two with flip_aug."""
+    entries = {(sample.item, tuple(sample.bucket)) for sample in data.samples}
+    one = sum(LATENT_CHANNELS * (w // 8) * (h // 8) * 4 + LATENT_FILE_HEADER for _, (w, h) in entries)
+    return one * (2 if flip_aug else 1)
 
 
 def epoch_batches(data: TrainingData, config: TrainConfig, epoch: int) -> list[list[Sample]]:

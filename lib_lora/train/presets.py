@@ -9,13 +9,13 @@ community, each for one architecture at its native size (SD1.5 512 px, SD2 768-v
 their own and are offered on every architecture.
 """
 
-import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_bytes_atomically
 from .config import ConfigError, TrainConfig, _toml_value
 
 # Options that belong to one dataset or run, not to a recipe: a preset never sets them.
@@ -182,10 +182,7 @@ def save_preset(folder: Path, preset: Preset, *, overwrite: bool = False) -> Pat
         raise ConfigError(f"preset {preset.name!r} already exists ({path}); tick 'replace' to overwrite it")
     TrainConfig.from_dict(dict(preset.values))  # validate before writing
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(preset_to_toml(preset), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomically(path, preset_to_toml(preset).encode("utf-8"))
 
 
 def load_preset(path: Path) -> Preset:

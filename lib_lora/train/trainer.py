@@ -8,7 +8,6 @@ the CLI progress bar, the tab and the tests subscribe to.
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import DiskFullError, require_free_space, write_atomically
 from ..models.conditioning import Conditioning, sdxl_vector
 from ..models.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..networks.embeddings import initial_embeddings
@@ -23,7 +23,7 @@ from ..networks.network import make_network
 from .base_model import BaseModel
 from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
-from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
+from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, latent_cache_bytes, plan_training, plan_warnings
 from .distributed import Distributed
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
@@ -81,12 +81,17 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
                           "train standalone (python -m lib_lora train) or turn pivotal_tuning off")
     if not resume:
         check_output_free(config, host)
-    if resume or not distributed.is_main:
-        run = RunFolder.open(run_dir) if resume else RunFolder(run_dir)  # only process 0 creates and writes it
-    else:
-        run = RunFolder.create(run_dir, config, host.arch)
     if resume:
-        run.check_architecture(host.arch)
+        RunFolder.open(run_dir).check_architecture(host.arch)  # a folder that cannot be resumed is refused before it is locked
+    with RunFolder.claimed(run_dir, lambda note: emit(TrainEvent("warning", message=note))) if distributed.is_main else nullcontext():
+        if resume or not distributed.is_main:
+            run = RunFolder(run_dir)  # only process 0 creates and writes it
+        else:
+            run = RunFolder.create(run_dir, config, host.arch)
+        return _train_in(run, config, host, data, resume, emit, distributed)
+
+
+def _train_in(run: RunFolder, config: TrainConfig, host, data: TrainingData, resume: bool, emit, distributed: Distributed) -> TrainResult:
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
     for note in plan_warnings(config, data, BaseModel.of(host)):
         emit(TrainEvent("warning", message=note))
@@ -123,6 +128,9 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
     try:
         with network:  # hooks live only inside; removed even on errors
             return _run(config, host, data, network, run, resume, emit, distributed)
+    except DiskFullError as error:
+        raise TrainingError(f"{error}. Training stopped; once there is room, resume the run folder {run.path} "
+                            "(--resume, or Resume in the tab) to go on from its last saved state") from error
     finally:
         host.set_gradient_checkpointing(False)
         torch.set_rng_state(outer_rng)
@@ -181,11 +189,12 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
         run.truncate_log(progress.global_step)
     saver = LoraSaver(config, host, data, run) if distributed.is_main else None
     encoder = BatchEncoder(host, config, data.choices, run.path / "latents" if config.cache_latents_to_disk else None)
+    _check_latent_cache_room(encoder, data, config)
     scaler = _grad_scaler(config, host)
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
     total = data.steps.total_steps
-    losses, last_loss, tick = deque(maxlen=50), None, time.perf_counter()
+    last_loss, tick = None, time.perf_counter()
     network.train()
     while progress.global_step < total:
         batches = epoch_batches(data, config, progress.epoch)
@@ -209,14 +218,13 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
             _optimizer_step(config, network, optimizer, scaler)
             progress.global_step += 1
             last_loss = batch_loss
-            losses.append(last_loss)
             now = time.perf_counter()
-            event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, sum(losses) / len(losses), lr, 1 / max(now - tick, 1e-9))
+            event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, progress.average_loss(last_loss), lr, 1 / max(now - tick, 1e-9))
             tick = now
             if distributed.is_main:
                 run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
                 emit(event)
-                _step_hooks(config, host, network, run, saver, progress, emit)
+                _step_hooks(config, host, network, run, saver, progress, emit, optimizer, data_rng, noise_rng, total)
             if distributed.any(host.interrupted()):
                 return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=True)
             if progress.global_step >= total:
@@ -226,6 +234,14 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
             if distributed.is_main:
                 _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
     return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=False)
+
+
+def _check_latent_cache_room(encoder: BatchEncoder, data: TrainingData, config: TrainConfig) -> None:
+    """Before the first latent is cached to disk: room for all of them, less those a resumed run has already."""
+    folder = encoder.cache.directory if encoder.cache is not None else None
+    if folder is not None:
+        cached = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        require_free_space(folder, latent_cache_bytes(data, config.flip_aug) - cached, "caching latents to disk (cache_latents_to_disk)")
 
 
 def _can_cache_text(config: TrainConfig) -> bool:
@@ -321,17 +337,22 @@ def _optimizer_step(config: TrainConfig, network, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _step_hooks(config, host, network, run, saver, progress, emit) -> None:
+def _step_hooks(config, host, network, run, saver, progress, emit, optimizer, data_rng, noise_rng, total: int) -> None:
+    """Step-named saves and samples; a step-named save saves the resumable state too (kohya's save_state), last,
+    so a run killed after it resumes here and one killed before it redoes these steps and their files."""
     step = progress.global_step
-    if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+    saving = config.save_every_n_steps and step % config.save_every_n_steps == 0
+    if saving:
         emit(TrainEvent("save", step, epoch=progress.epoch + 1, paths=[saver.save_intermediate(network, progress, by_step=True)]))
     if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
         emit(TrainEvent("sample", step, epoch=progress.epoch + 1, paths=render_samples(config, host, network, run, f"s{step:06d}")))
+    if saving and step < total:  # the last step's state is saved by the epoch's end or the stop
+        run.save_state(progress, network, optimizer, data_rng, noise_rng)
 
 
 def _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit) -> None:
+    """Validation, epoch-named saves and samples, then the resumable state (last: see _step_hooks)."""
     epoch, step = progress.epoch, progress.global_step
-    run.save_state(progress, network, optimizer, data_rng, noise_rng)
     emit(TrainEvent("epoch", step, data.steps.total_steps, epoch))
     if data.validation is not None:
         val_loss = validation_loss(config, host, network, data)
@@ -342,6 +363,7 @@ def _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, d
         emit(TrainEvent("save", step, epoch=epoch, paths=[saver.save_intermediate(network, progress, by_step=False)]))
     if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0:
         emit(TrainEvent("sample", step, epoch=epoch, paths=render_samples(config, host, network, run, f"e{epoch:04d}")))
+    run.save_state(progress, network, optimizer, data_rng, noise_rng)
 
 
 def _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, *, interrupted: bool) -> TrainResult:
@@ -388,9 +410,7 @@ def render_samples(config: TrainConfig, host, network, run: RunFolder, tag: str)
         for i, line in enumerate(config.sample_prompts):
             params = parse_sample_prompt(line, width=config.resolution[0], height=config.resolution[1], sampler=config.sample_sampler, clip_skip=config.clip_skip, default_seed=config.seed + i)
             for j, image in enumerate(host.generate(params, **_live_embeddings(network))):
-                path = run.samples / f"{tag}-{i:02d}-{j}.png"
-                image.save(path)
-                paths.append(path)
+                paths.append(write_atomically(run.samples / f"{tag}-{i:02d}-{j}.png", lambda tmp: image.save(tmp, format="PNG")))
     finally:
         network.train()
     return paths

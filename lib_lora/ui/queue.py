@@ -16,8 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_bytes_atomically
 from ..train.config import ConfigError, TrainConfig
-from ..train.run_folder import CONFIG_FILE, LOSS_FILE, STATE_FILE, atomic_write_bytes
+from ..train.run_folder import CONFIG_FILE, LOSS_FILE, STATE_FILE
 from .runner import JobState
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class JobQueue:
             number = max(numbers, default=0) + 1
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{number:04d}-{config.output_name}.toml"
-            atomic_write_bytes(path, config.to_toml().encode())
+            write_bytes_atomically(path, config.to_toml().encode())
             return QueuedJob(number, path, config)
 
     def find(self, name: str) -> QueuedJob:

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..atomic import DiskFullError
 from ..data.errors import DatasetError
+from ..locking import FolderLockedError
 from ..train.config import ConfigError
 from ..train.trainer import TrainEvent, TrainingError, TrainResult
 
@@ -100,7 +102,7 @@ class TrainingJob:
         except Cancelled:
             self._append("interrupted before training began")
             self._finish("interrupted")
-        except (ConfigError, DatasetError, TrainingError) as e:
+        except (ConfigError, DatasetError, TrainingError, FolderLockedError, DiskFullError) as e:
             self._finish("failed", error=str(e))
         except Exception as e:  # the thread's edge: report to the tab instead of dying silently
             logger.exception("training failed")

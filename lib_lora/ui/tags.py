@@ -6,7 +6,6 @@ Tags are the comma-separated parts of a caption's first line, as kohya and the t
 and only if they still hold the text the preview showed. No Gradio here.
 """
 
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..atomic import write_bytes_atomically
 from ..data.captions import JOINER, split_tags
 from ..data.errors import DatasetError
 from ..data.folders import is_image_file
@@ -118,12 +118,6 @@ def plan_tag_edits(folder: Path, edit: TagEdit, extension: str = ".txt") -> list
     return changes
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def apply_tag_edits(changes: Iterable[CaptionChange]) -> tuple[int, list[str]]:
     """Write the changes; a file edited since the preview is left alone and listed."""
     written, skipped = 0, []
@@ -132,7 +126,7 @@ def apply_tag_edits(changes: Iterable[CaptionChange]) -> tuple[int, list[str]]:
         if current != change.before:
             skipped.append(f"{change.path}: changed since the preview, left alone")
             continue
-        write_text_atomic(change.path, change.after)
+        write_bytes_atomically(change.path, change.after.encode("utf-8"))
         written += 1
     return written, skipped
 
@@ -157,7 +151,7 @@ def caption_folder(folder: Path, captioner: Callable[[Image.Image], str], *, mod
             image, _ = load_image(image_path)
             caption = captioner(image).strip()
             text = f"{existing}, {caption}" if mode == "append" and existing else caption
-            write_text_atomic(caption_path, text + "\n")
+            write_bytes_atomically(caption_path, (text + "\n").encode("utf-8"))
             written += 1
         if progress:
             progress(index + 1, len(pairs))
