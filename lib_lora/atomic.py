@@ -98,7 +98,7 @@ def _ran_out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
     'unexpected pos') a folder with less free space than the file needs."""
     seen = error
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS or any(t in str(seen) for t in DISK_FULL_TEXTS):
+        if (isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS) or any(text in str(seen) for text in DISK_FULL_TEXTS):
             return True
         seen = seen.__cause__ or seen.__context__
     return needed > 0 and free_bytes(folder) < needed

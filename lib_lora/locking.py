@@ -26,7 +26,7 @@ def folder_lock(folder: Path, lock_name: str) -> Iterator[int | None]:
     """Hold `<folder>/<lock_name>` for the block; yields the PID of a dead holder whose lock was taken over, else None.
     Raises FolderLockedError naming the folder and the PID holding it."""
     path = Path(folder) / lock_name
-    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+b")
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666), "r+b")  # created, never truncated
     try:
         _lock(handle)
     except OSError:

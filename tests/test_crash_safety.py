@@ -107,7 +107,7 @@ def test_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_pat
             with folder_lock(tmp_path, LOCK_FILE):
                 pass
     assert notices == [f"{tmp_path}: took over the lock of process {holder.pid}, which ended without releasing it (killed or crashed); "
-                       "removed 0 half-written temporary file(s); the run goes on from its last saved state"]
+                       "removed 0 half-written temporary file(s)"]
     with RunFolder.claimed(tmp_path, notice=notices.append):  # released cleanly: no notice
         pass
     assert len(notices) == 1

@@ -71,7 +71,7 @@ class RunFolder:
             if dead_pid is not None:
                 leftovers = _remove_temporary_files(path)
                 notice(f"{path}: took over the lock of process {dead_pid}, which ended without releasing it (killed or crashed); "
-                       f"removed {len(leftovers)} half-written temporary file(s); the run goes on from its last saved state")
+                       f"removed {len(leftovers)} half-written temporary file(s)")
             yield
 
     @classmethod

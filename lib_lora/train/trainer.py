@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -185,6 +186,7 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
     data_rng, noise_rng = _seeded_rngs(config)
     optimizer = _make_optimizer(config, network, host)
     progress = run.load_state(network, optimizer, data_rng, noise_rng) if resume and run.has_state() else Progress()
+    save_state = partial(run.save_state, progress, network, optimizer, data_rng, noise_rng)  # progress changes in place
     if resume and distributed.is_main:
         run.truncate_log(progress.global_step)
     saver = LoraSaver(config, host, data, run) if distributed.is_main else None
@@ -224,16 +226,16 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
             if distributed.is_main:
                 run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
                 emit(event)
-                _step_hooks(config, host, network, run, saver, progress, emit, optimizer, data_rng, noise_rng, total)
+                _step_hooks(config, host, network, run, saver, progress, emit, save_state, total)
             if distributed.any(host.interrupted()):
-                return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=True)
+                return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=True)
             if progress.global_step >= total:
                 break
         if progress.batch_in_epoch >= len(batches):
             progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
             if distributed.is_main:
-                _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
-    return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=False)
+                _epoch_hooks(config, host, network, data, run, saver, progress, save_state, emit)
+    return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=False)
 
 
 def _check_latent_cache_room(encoder: BatchEncoder, data: TrainingData, config: TrainConfig) -> None:
@@ -337,7 +339,7 @@ def _optimizer_step(config: TrainConfig, network, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _step_hooks(config, host, network, run, saver, progress, emit, optimizer, data_rng, noise_rng, total: int) -> None:
+def _step_hooks(config, host, network, run, saver, progress, emit, save_state: Callable[[], None], total: int) -> None:
     """Step-named saves and samples; a step-named save saves the resumable state too (kohya's save_state), last,
     so a run killed after it resumes here and one killed before it redoes these steps and their files."""
     step = progress.global_step
@@ -347,10 +349,10 @@ def _step_hooks(config, host, network, run, saver, progress, emit, optimizer, da
     if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
         emit(TrainEvent("sample", step, epoch=progress.epoch + 1, paths=render_samples(config, host, network, run, f"s{step:06d}")))
     if saving and step < total:  # the last step's state is saved by the epoch's end or the stop
-        run.save_state(progress, network, optimizer, data_rng, noise_rng)
+        save_state()
 
 
-def _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit) -> None:
+def _epoch_hooks(config, host, network, data, run, saver, progress, save_state: Callable[[], None], emit) -> None:
     """Validation, epoch-named saves and samples, then the resumable state (last: see _step_hooks)."""
     epoch, step = progress.epoch, progress.global_step
     emit(TrainEvent("epoch", step, data.steps.total_steps, epoch))
@@ -363,14 +365,14 @@ def _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, d
         emit(TrainEvent("save", step, epoch=epoch, paths=[saver.save_intermediate(network, progress, by_step=False)]))
     if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0:
         emit(TrainEvent("sample", step, epoch=epoch, paths=render_samples(config, host, network, run, f"e{epoch:04d}")))
-    run.save_state(progress, network, optimizer, data_rng, noise_rng)
+    save_state()
 
 
-def _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, *, interrupted: bool) -> TrainResult:
+def _stop(config, network, run, saver, progress, save_state: Callable[[], None], emit, last_loss, *, interrupted: bool) -> TrainResult:
     """Save the resumable state and the LoRA (final, or a step-named one when interrupted); process 0 only."""
     if saver is None:
         return TrainResult(run.path, None, progress.global_step, interrupted, last_loss)
-    run.save_state(progress, network, optimizer, data_rng, noise_rng)
+    save_state()
     path = saver.save_intermediate(network, progress, by_step=True) if interrupted else saver.save_final(network, progress)
     emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
     emit(TrainEvent("done", progress.global_step, epoch=progress.epoch, loss=last_loss, paths=[path], message="interrupted" if interrupted else "finished"))
