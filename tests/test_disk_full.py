@@ -22,6 +22,7 @@ from lib_lora.train.config import TrainConfig
 from lib_lora.train.presets import Preset, save_preset
 from lib_lora.train.run_folder import Progress, RunFolder
 from lib_lora.train.trainer import TrainingError, train
+from lib_lora.ui.compare import keep_epoch
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -165,3 +166,11 @@ def test_a_full_disk_mid_run_stops_with_the_last_state_kept_and_resumes(tiny_che
 
 def test_sizes_read_as_people_write_them():
     assert [format_bytes(n) for n in (512, 20_000, 2_500_000, 7_100_000_000)] == ["512 bytes", "20.0 kB", "2.5 MB", "7.1 GB"]
+
+
+def test_keeping_an_epoch_checks_the_room_for_its_copy(tmp_path, monkeypatch):
+    chosen = SAVES["LoRA file"](tmp_path, 3.0).rename(tmp_path / "k-000002.safetensors")
+    Disk(monkeypatch, 100)
+    with pytest.raises(DiskFullError, match=rf"not enough free disk space in {tmp_path} for a copy of k-000002.safetensors as best.safetensors"):
+        keep_epoch(chosen, tmp_path / "best.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["k-000002.safetensors"]

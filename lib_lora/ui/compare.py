@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..atomic import require_free_space, write_bytes_atomically
 from ..grid import image_grid
 from ..models.pipeline import GenerationParams
 from ..networks.files import card_paths
@@ -88,9 +89,10 @@ class KeepResult:
 
 def _copy_no_overwrite(source: Path, target: Path, replace_existing: bool) -> None:
     """Copy via a temporary file in the target folder, then an atomic rename (or link, which never overwrites)."""
+    require_free_space(target.parent, source.stat().st_size, f"a copy of {source.name} as {target.name}")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copy2(source, tmp)
     try:
+        shutil.copy2(source, tmp)
         if replace_existing:
             os.replace(tmp, target)
         else:
@@ -141,4 +143,4 @@ def _copy_card(chosen: Path, final: Path) -> None:
     run_name = re.sub(r"-(\d{6}|step\d{8})$", "", chosen.stem)
     for source, target in zip(card_paths(chosen.with_name(run_name + chosen.suffix)), card_paths(final)):
         if source.is_file() and not target.exists():
-            shutil.copy2(source, target)
+            write_bytes_atomically(target, source.read_bytes())
