@@ -39,6 +39,8 @@ def free_bytes(folder: Path) -> int:
 
 def require_free_space(folder: str | os.PathLike, needed: int, purpose: str) -> None:
     """Refuse up front, naming the folder and both sizes, when `purpose` needs more than the free space."""
+    if needed <= 0:
+        return
     free = free_bytes(Path(folder))
     if needed > free:
         raise DiskFullError(f"not enough free disk space in {folder} for {purpose}: it needs about {format_bytes(needed)} "
@@ -77,8 +79,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], bef
         needed = max(size, tmp.stat().st_size if tmp.exists() else 0)
         tmp.unlink(missing_ok=True)
         if not isinstance(error, DiskFullError) and _ran_out_of_space(error, path.parent, needed):
-            raise DiskFullError(f"the disk is full: {path} was not saved; {_what_was_kept(path)}; it needs about {format_bytes(needed)} "
-                                f"in {path.parent}, where {format_bytes(free_bytes(path.parent))} is free; free some space and try again") from error
+            raise DiskFullError(f"the disk is full: {path} was not saved; {_what_was_kept(path)}; {_space_left(path.parent, needed)}; "
+                                "free some space and try again") from error
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -91,6 +93,11 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
 
 def _what_was_kept(path: Path) -> str:
     return f"the previous {path.name} is kept unchanged" if path.exists() else f"no {path.name} was there before"
+
+
+def _space_left(folder: Path, needed: int) -> str:
+    free = format_bytes(free_bytes(folder))
+    return f"it needs about {format_bytes(needed)} in {folder}, where {free} is free" if needed else f"{free} is free in {folder}"
 
 
 def _ran_out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
