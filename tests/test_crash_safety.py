@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from lib_lora.demo.dataset import make_lora_dataset
 from lib_lora.locking import FolderLockedError, folder_lock
+from lib_lora.train.config import TrainConfig
 from lib_lora.train.run_folder import LOCK_FILE, RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_file(dataset, tmp_pat
     assert {p.name for p in run_dir.iterdir()} == {"base_model.json", "config.toml", LOCK_FILE, "loss.csv", "samples", "state.pt"}  # no temp file
 
 
-def test_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
+def test_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_taken_over(dataset, tmp_path):
+    RunFolder.create(tmp_path, TrainConfig(train_data_dir=str(dataset), output_name="k"))
     holder = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(tmp_path), LOCK_FILE], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
@@ -98,6 +100,10 @@ def test_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_pat
         with pytest.raises(FolderLockedError, match=f"{tmp_path} is in use by process {holder.pid}"):
             with RunFolder.claimed(tmp_path, notice=print):
                 pass
+        resume = lib_lora("train", "--resume", str(tmp_path), "--out-dir", str(tmp_path / "out"))
+        assert resume.communicate(timeout=120)[0].endswith(f"error: {tmp_path} is in use by process {holder.pid} (it holds {tmp_path / LOCK_FILE}); "
+                                                           "wait for that run to finish or stop it, then try again\n")
+        assert resume.returncode == 2
     finally:
         holder.kill()
         holder.wait()
