@@ -92,28 +92,36 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_file(dataset, tmp_pat
 
 
 def test_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_taken_over(dataset, tmp_path):
-    RunFolder.create(tmp_path, TrainConfig(train_data_dir=str(dataset), output_name="k"))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(tmp_path), LOCK_FILE], cwd=ROOT, text=True,
+    run_dir, lora_dir = tmp_path / "run", tmp_path / "lora"
+    RunFolder.create(run_dir, TrainConfig(train_data_dir=str(dataset), output_name="k"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(run_dir), LOCK_FILE], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(FolderLockedError, match=f"{tmp_path} is in use by process {holder.pid}"):
-            with RunFolder.claimed(tmp_path, notice=print):
+        with pytest.raises(FolderLockedError, match=f"{run_dir} is in use by process {holder.pid}"):
+            with RunFolder.claimed(run_dir, notice=print):
                 pass
-        resume = lib_lora("train", "--resume", str(tmp_path), "--out-dir", str(tmp_path / "out"))
-        assert resume.communicate(timeout=120)[0].endswith(f"error: {tmp_path} is in use by process {holder.pid} (it holds {tmp_path / LOCK_FILE}); "
+        resume = lib_lora("train", "--resume", str(run_dir), "--out-dir", str(tmp_path / "out"))
+        assert resume.communicate(timeout=120)[0].endswith(f"error: {run_dir} is in use by process {holder.pid} (it holds {run_dir / LOCK_FILE}); "
                                                            "wait for that run to finish or stop it, then try again\n")
         assert resume.returncode == 2
     finally:
         holder.kill()
         holder.wait()
+    (run_dir / "latents").mkdir()
+    leftovers = [run_dir / f".state.pt.{holder.pid}.tmp", run_dir / "latents" / ".tmpX3k9Qa", lora_dir / f".k-000002.safetensors.{holder.pid}.tmp"]
+    others = [lora_dir / ".k-000002.safetensors.1.tmp", lora_dir / "k.safetensors"]  # another process's write, a finished file
+    for path in leftovers + others:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
     notices = []
-    with RunFolder.claimed(tmp_path, notice=notices.append):
+    with RunFolder.claimed(run_dir, notices.append, lora_dir):
         with pytest.raises(FolderLockedError, match=f"in use by process {os.getpid()}"):  # a second run in this process too
-            with folder_lock(tmp_path, LOCK_FILE):
+            with folder_lock(run_dir, LOCK_FILE):
                 pass
-    assert notices == [f"{tmp_path}: took over the lock of process {holder.pid}, which ended without releasing it (killed or crashed); "
-                       "removed 0 half-written temporary file(s)"]
-    with RunFolder.claimed(tmp_path, notice=notices.append):  # released cleanly: no notice
+    assert notices == [f"{run_dir}: took over the lock of process {holder.pid}, which ended without releasing it (killed or crashed); "
+                       "removed 3 half-written temporary file(s)"]
+    assert not any(path.exists() for path in leftovers) and all(path.exists() for path in others)
+    with RunFolder.claimed(run_dir, notice=notices.append):  # released cleanly: no notice
         pass
     assert len(notices) == 1

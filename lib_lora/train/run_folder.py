@@ -61,15 +61,16 @@ class RunFolder:
 
     @staticmethod
     @contextmanager
-    def claimed(path: Path, notice: Callable[[str], None]) -> Iterator[None]:
+    def claimed(path: Path, notice: Callable[[str], None], output_folder: Path | None = None) -> Iterator[None]:
         """Hold the folder's lock for a run (FolderLockedError while a live process holds it). A lock left by a
         process that died (kill -9, a crash, a power cut) is taken over: `notice` says so, and that process's
-        half-written temporary files are removed."""
+        half-written temporary files are removed, here and (those named with its PID) in `output_folder`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with folder_lock(path, LOCK_FILE) as dead_pid:
             if dead_pid is not None:
-                leftovers = _remove_temporary_files(path)
+                leftovers = _remove_temporary_files(path, (".*.tmp", ".tmp*", "*/.*.tmp", "*/.tmp*"))
+                leftovers += _remove_temporary_files(Path(output_folder), (f".*.{dead_pid}.tmp",)) if output_folder else []
                 notice(f"{path}: took over the lock of process {dead_pid}, which ended without releasing it (killed or crashed); "
                        f"removed {len(leftovers)} half-written temporary file(s)")
             yield
@@ -143,10 +144,10 @@ def _tensor_bytes(value) -> int:
     return 0
 
 
-def _remove_temporary_files(folder: Path) -> list[Path]:
-    """Temporary files of writes a dead process never finished: lib_lora/atomic.py's `.<name>.<pid>.tmp` and
-    safetensors' own `.tmpXXXXXX`, in the run folder and its latents/ and samples/."""
-    leftovers = sorted({p for pattern in (".*.tmp", ".tmp*", "*/.*.tmp", "*/.tmp*") for p in folder.glob(pattern) if p.is_file()})
+def _remove_temporary_files(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """Temporary files of writes a dead process never finished: lib_lora/atomic.py's `.<name>.<pid>.tmp` and, in the
+    run folder and its latents/ and samples/, safetensors' own `.tmpXXXXXX`."""
+    leftovers = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers

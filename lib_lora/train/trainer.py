@@ -29,7 +29,7 @@ from .distributed import Distributed
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
 from .run_folder import Progress, RunFolder
-from .saving import LoraSaver, check_output_free
+from .saving import LoraSaver, check_output_free, lora_dir_for
 from .samples import parse_sample_prompt
 
 
@@ -84,7 +84,8 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         check_output_free(config, host)
     if resume:
         RunFolder.open(run_dir).check_architecture(host.arch)  # a folder that cannot be resumed is refused before it is locked
-    with RunFolder.claimed(run_dir, lambda note: emit(TrainEvent("warning", message=note))) if distributed.is_main else nullcontext():
+    claim = RunFolder.claimed(run_dir, lambda note: emit(TrainEvent("warning", message=note)), lora_dir_for(config, host))
+    with claim if distributed.is_main else nullcontext():  # only process 0 locks: the others never write there
         if resume or not distributed.is_main:
             run = RunFolder(run_dir)  # only process 0 creates and writes it
         else:
