@@ -206,6 +206,8 @@ class TrainConfig:
     def from_toml(cls, path: str | Path) -> "TrainConfig":
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8: re-save it as UTF-8") from e
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the TOML config: {e}") from e
         flat = {}
@@ -289,10 +291,18 @@ def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_character(ch) for ch in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def _toml_character(ch: str) -> str:
+    """One character of a TOML basic string: quote and backslash escaped, and the control characters TOML
+    forbids raw (all but tab: a newline or DEL in a comment would make the file unreadable) as \\uXXXX."""
+    if ch in '"\\':
+        return "\\" + ch
+    return f"\\u{ord(ch):04x}" if (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F else ch
 
 
 def _check_choices(c: TrainConfig) -> None:
