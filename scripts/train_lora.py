@@ -22,6 +22,7 @@ def controller():
             defaults=webui.config_defaults(),
             lora_dir=webui.output_dir(),
             runs_dir=webui.runs_dir(),
+            dataset_roots=(webui.dataset_root(),) if webui.dataset_root() else (),
             captioners=webui.captioners(),
             job_lock=binding.session,  # queue_lock + model preparation and restoration, around every use of the model
         )

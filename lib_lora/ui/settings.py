@@ -20,6 +20,9 @@ class TabSettings:
     lora_dir: Path | None = None
     # Where run folders and the training queue (`<runs_dir>/queue/`) live; None asks the host (as lora_dir).
     runs_dir: Path | None = None
+    # The folders datasets may be read from and written beside (roots.py); empty = any folder. The webui's
+    # --train-lora-dataset-root, the standalone app's --dataset-root.
+    dataset_roots: tuple[Path, ...] = ()
     # Image captioners the host offers, by name (the webui: BLIP, deepbooru); empty = captioning disabled.
     captioners: Mapping[str, Callable[[Image.Image], str]] = field(default_factory=dict)
     # Held around everything that uses the model: training, the comparison grid, captioning.
