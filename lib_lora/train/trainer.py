@@ -39,6 +39,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
 
 
+# CUDA's out-of-memory error: torch.OutOfMemoryError since torch 2.5, torch.cuda.OutOfMemoryError (the same class) before
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 @dataclass
 class TrainEvent:
     kind: str  # start | step | epoch | save | sample | validation | warning | done
@@ -185,47 +189,51 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
     total = data.steps.total_steps
-    losses, last_loss, tick = deque(maxlen=50), None, time.perf_counter()
+    losses, last_loss, tick, batches = deque(maxlen=50), None, time.perf_counter(), []
     network.train()
-    while progress.global_step < total:
-        batches = epoch_batches(data, config, progress.epoch)
-        accumulate = config.gradient_accumulation_steps
-        for index in range(progress.batch_in_epoch, len(batches)):
-            samples = batches[index]
-            rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
-            batch = encoder.encode(samples, data_rng, rows)
-            noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
-            loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
-            batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
-            if not math.isfinite(batch_loss):
-                raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
-            if loss is not None:
-                scaler.scale(loss / accumulate).backward()
-            progress.batch_in_epoch = index + 1
-            if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
-                continue
-            lr = _set_lr(optimizer, config, progress.global_step, total)
-            distributed.sum_gradients(list(network.parameters()))
-            _optimizer_step(config, network, optimizer, scaler)
-            progress.global_step += 1
-            last_loss = batch_loss
-            losses.append(last_loss)
-            now = time.perf_counter()
-            event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, sum(losses) / len(losses), lr, 1 / max(now - tick, 1e-9))
-            tick = now
-            if distributed.is_main:
-                run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
-                emit(event)
-                _step_hooks(config, host, network, run, saver, progress, emit)
-            if distributed.any(host.interrupted()):
-                return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=True)
-            if progress.global_step >= total:
-                break
-        if progress.batch_in_epoch >= len(batches):
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            if distributed.is_main:
-                _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
-    return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=False)
+    try:
+        while progress.global_step < total:
+            batches = epoch_batches(data, config, progress.epoch)
+            accumulate = config.gradient_accumulation_steps
+            for index in range(progress.batch_in_epoch, len(batches)):
+                samples = batches[index]
+                rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
+                batch = encoder.encode(samples, data_rng, rows)
+                noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
+                loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
+                batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
+                if not math.isfinite(batch_loss):
+                    raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
+                if loss is not None:
+                    scaler.scale(loss / accumulate).backward()
+                progress.batch_in_epoch = index + 1
+                if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
+                    continue
+                lr = _set_lr(optimizer, config, progress.global_step, total)
+                distributed.sum_gradients(list(network.parameters()))
+                _optimizer_step(config, network, optimizer, scaler)
+                progress.global_step += 1
+                last_loss = batch_loss
+                losses.append(last_loss)
+                now = time.perf_counter()
+                event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, sum(losses) / len(losses), lr, 1 / max(now - tick, 1e-9))
+                tick = now
+                if distributed.is_main:
+                    run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
+                    emit(event)
+                    _step_hooks(config, host, network, run, saver, progress, emit)
+                if distributed.any(host.interrupted()):
+                    return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=True)
+                if progress.global_step >= total:
+                    break
+            if progress.batch_in_epoch >= len(batches):
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                if distributed.is_main:
+                    _epoch_hooks(config, host, network, data, run, saver, progress, optimizer, data_rng, noise_rng, emit)
+        return _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, last_loss, interrupted=False)
+    except OUT_OF_MEMORY as e:
+        progress.batch_in_epoch = _last_whole_step(progress.batch_in_epoch, config.gradient_accumulation_steps, len(batches))
+        raise _out_of_memory(config, network, run, saver, progress, optimizer, data_rng, noise_rng, emit, e) from e
 
 
 def _can_cache_text(config: TrainConfig) -> bool:
@@ -353,6 +361,43 @@ def _stop(config, network, run, saver, progress, optimizer, data_rng, noise_rng,
     emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
     emit(TrainEvent("done", progress.global_step, epoch=progress.epoch, loss=last_loss, paths=[path], message="interrupted" if interrupted else "finished"))
     return TrainResult(run.path, path, progress.global_step, interrupted, last_loss)
+
+
+def _last_whole_step(batch_in_epoch: int, accumulate: int, batches: int) -> int:
+    """The batch index of the last optimizer step: inside a gradient-accumulation group, the group's start (the
+    loop steps after every `accumulate` batches and after the epoch's last one)."""
+    return batch_in_epoch if batch_in_epoch == batches else batch_in_epoch - batch_in_epoch % accumulate
+
+
+def _out_of_memory(config, network, run, saver, progress: Progress, optimizer, data_rng, noise_rng, emit, error) -> TrainingError:
+    """After CUDA ran out of memory: free what the failed step held, save the state and the LoRA of the last whole
+    optimizer step (as Interrupt does, so Resume continues there), and say how to fit."""
+    optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; its micro-batches run again on resume
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    kept = "nothing was trained yet, so nothing was saved"
+    if saver is not None and progress.global_step:
+        run.save_state(progress, network, optimizer, data_rng, noise_rng)
+        path = saver.save_intermediate(network, progress, by_step=True)
+        emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
+        kept = f"the LoRA so far is saved as {path} and the run can be resumed from step {progress.global_step}"
+    return TrainingError(f"out of GPU memory at step {progress.global_step + 1} ({str(error).splitlines()[0][:120]}); {kept}. "
+                         f"To fit: {out_of_memory_advice(config)}")
+
+
+def out_of_memory_advice(config: TrainConfig) -> str:
+    """What to change so a step needs less memory: batch, resolution, gradient checkpointing."""
+    batch, accumulate, (width, height) = config.train_batch_size, config.gradient_accumulation_steps, config.resolution
+    advice = []
+    if batch > 1:
+        advice.append(f"lower train_batch_size {batch} -> {batch // 2} (gradient_accumulation_steps {accumulate} -> "
+                      f"{accumulate * 2} keeps the effective batch)")
+    if max(width, height) > 512:
+        smaller = [max(64, side * 3 // 4 // 64 * 64) for side in (width, height)]
+        advice.append(f"lower the resolution {width}x{height} -> {smaller[0]}x{smaller[1]} (activations grow with the pixels)")
+    if not config.gradient_checkpointing:
+        advice.append("turn on gradient_checkpointing (a fraction of the activations, about a third slower)")
+    return "; ".join(advice) or "a smaller network_dim, mixed_precision bf16 or fp16, or a GPU with more memory"
 
 
 @torch.no_grad()
