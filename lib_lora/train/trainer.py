@@ -25,6 +25,7 @@ from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, plan_training, plan_warnings
 from .distributed import Distributed
+from .memory import out_of_memory_advice
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
 from .run_folder import Progress, RunFolder
@@ -383,21 +384,6 @@ def _out_of_memory(config, network, run, saver, progress: Progress, optimizer, d
         kept = f"the LoRA so far is saved as {path} and the run can be resumed from step {progress.global_step}"
     return TrainingError(f"out of GPU memory at step {progress.global_step + 1} ({str(error).splitlines()[0][:120]}); {kept}. "
                          f"To fit: {out_of_memory_advice(config)}")
-
-
-def out_of_memory_advice(config: TrainConfig) -> str:
-    """What to change so a step needs less memory: batch, resolution, gradient checkpointing."""
-    batch, accumulate, (width, height) = config.train_batch_size, config.gradient_accumulation_steps, config.resolution
-    advice = []
-    if batch > 1:
-        advice.append(f"lower train_batch_size {batch} -> {batch // 2} (gradient_accumulation_steps {accumulate} -> "
-                      f"{accumulate * 2} keeps the effective batch)")
-    if max(width, height) > 512:
-        smaller = [max(64, side * 3 // 4 // 64 * 64) for side in (width, height)]
-        advice.append(f"lower the resolution {width}x{height} -> {smaller[0]}x{smaller[1]} (activations grow with the pixels)")
-    if not config.gradient_checkpointing:
-        advice.append("turn on gradient_checkpointing (a fraction of the activations, about a third slower)")
-    return "; ".join(advice) or "a smaller network_dim, mixed_precision bf16 or fp16, or a GPU with more memory"
 
 
 @torch.no_grad()
