@@ -135,3 +135,14 @@ def test_the_app_binds_to_this_machine_unless_told_and_warns_when_not():
     assert "set --api-auth USER:PASS for the HTTP API and --dataset-root FOLDER" in warning
     guarded = exposure_warning("192.168.1.5", "u:p", (args.dataset_root[0],))
     assert "under /data" in guarded and "set --" not in guarded
+
+
+@pytest.mark.parametrize("extension", ["/../../etc/x", ".a/b", ".t\\x", ".txt\x00", "..", ". txt"])
+def test_a_caption_extension_cannot_name_a_file_elsewhere(extension):
+    with pytest.raises(ConfigError, match=r"^caption_extension: .* is not a file extension; use letters, digits, _ or - after one leading dot"):
+        TrainConfig(caption_extension=extension)
+
+
+@pytest.mark.parametrize("extension", [".txt", "caption", ".tags", ".wd14-tags"])
+def test_plain_caption_extensions_are_accepted(extension):
+    assert TrainConfig(caption_extension=extension).caption_extension == extension

@@ -8,6 +8,7 @@ from this dataclass (`fields()` gives names, types, defaults and help). Where ko
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive, _check_blocks,
-                      _check_pivotal):
+                      _check_pivotal, _check_caption_extension):
             check(self)
 
     @property
@@ -440,6 +441,14 @@ def _check_pivotal(c: TrainConfig) -> None:
     if not 1 <= c.num_vectors_per_token <= MAX_VECTORS_PER_TOKEN:
         raise ConfigError(f"num_vectors_per_token: must be 1 to {MAX_VECTORS_PER_TOKEN} (a prompt chunk's tokens), "
                           f"got {c.num_vectors_per_token}")
+
+
+def _check_caption_extension(c: TrainConfig) -> None:
+    """A caption file is `<image stem><caption_extension>` beside its image: a separator or control character
+    would name a file elsewhere (or none)."""
+    if not re.fullmatch(r"\.?[\w-]+", c.caption_extension):
+        raise ConfigError(f"caption_extension: {c.caption_extension!r} is not a file extension; use letters, digits, _ or - "
+                          f"after one leading dot, like .txt or .caption")
 
 
 def check_for_arch(config: TrainConfig, arch: str) -> None:
