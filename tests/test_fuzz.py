@@ -1,6 +1,6 @@
 """Bounded fuzzing (hypothesis) of the parsers that read what users and other tools hand us (issue #19):
 LoRA files (and the safetensors header reader behind checkpoints), caption files and captions, `<lora:...>`
-prompt tags, and TOML / JSON training configs. Whatever the input, each either parses or raises the
+prompt tags, and TOML / JSON training configs and presets. Whatever the input, each either parses or raises the
 project's own error naming the input, never an IndexError, KeyError, UnicodeDecodeError or the like.
 
 Derandomized, so a CI run tries the same inputs every time; the example counts keep the whole file
@@ -23,8 +23,9 @@ from lib_lora.networks.errors import LoraFormatError, PromptSyntaxError
 from lib_lora.networks.files import LoraFile, load_lora
 from lib_lora.networks.prompt import extract_lora_tags
 from lib_lora.train.config import ConfigError, TrainConfig
+from lib_lora.train.presets import Preset, list_presets, load_preset, save_preset
 
-FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=300,
+FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=200,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 FIELD_NAMES = [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -94,6 +95,7 @@ def loads_or_refuses(path) -> None:
         assert str(path) in str(e)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch says so of random bytes read as a .pt, then refuses them
 @FUZZ
 @given(data=st.binary(max_size=200) | safetensors_files(), suffix=st.sampled_from([".safetensors", ".pt"]))
 def test_any_bytes_load_as_a_lora_or_raise_lora_format_error_naming_the_file(tmp_path_factory, data, suffix):
@@ -199,6 +201,37 @@ def test_every_text_option_survives_the_toml_round_trip(tmp_path_factory, text):
     config = TrainConfig(trigger_words=text, training_comment=text, sample_prompts=(text,))
     path = written(tmp_path_factory, config.to_toml().encode(), ".toml")
     assert TrainConfig.from_toml(path) == config
+
+
+@FUZZ
+@given(name=st.text(min_size=1, max_size=20).filter(lambda n: any(ch.isalnum() and ch.isascii() for ch in n)),
+       why=st.text(max_size=30), comment=st.text(max_size=20))
+def test_a_saved_preset_loads_back_with_its_values_and_a_one_line_name(tmp_path_factory, name, why, comment):
+    preset = Preset(name, {"init_word": comment, "network_dim": 8}, why)
+    loaded = load_preset(save_preset(tmp_path_factory.mktemp("presets"), preset))
+    assert loaded.values == preset.values
+    for given, read in ((name, loaded.name), (why, loaded.why)):
+        assert read.isprintable()  # one line, no control characters
+        if all(ch.isprintable() or ch.isspace() for ch in given):
+            assert read == " ".join(given.split())  # white space and line breaks as single spaces, nothing else changed
+
+
+@pytest.mark.parametrize("name, why, shown", [("two\nlines", "", ("two lines", "")), ("cr\rname", "why\u2028not", ("cr name", "why not")),
+                                              ("nul\x00ok", "tab\there", ("nulok", "tab here"))])
+def test_line_breaks_in_a_preset_name_become_spaces(tmp_path, name, why, shown):
+    loaded = load_preset(save_preset(tmp_path, Preset(name, {"network_dim": 8}, why)))
+    assert (loaded.name, loaded.why) == shown
+
+
+@FUZZ
+@given(data=st.binary(max_size=120) | st.text(max_size=80).map(str.encode))
+@example(data=b"# name: \xff\nnetwork_dim = 4")  # not UTF-8
+def test_any_preset_file_loads_or_is_listed_as_a_problem(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("presets")
+    (folder / "mine.toml").write_bytes(data)
+    found, problems = list_presets(folder)
+    assert len(found) + len(problems) == len(list_presets(None)[0]) + 1
+    assert all(p.startswith(str(folder / "mine.toml")) for p in problems)
 
 
 @pytest.mark.parametrize("values", [{"resolution": [512, 512, 512]}, {"resolution": {"a": 1}}, {"learning_rate": None}])

@@ -205,11 +205,10 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
+        text = read_toml_text(path, "the TOML config")
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8: re-save it as UTF-8") from e
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: cannot read the TOML config: {e}") from e
         flat = {}
         for key, value in data.items():  # sections ([data], [network], ...) are only for reading comfort
@@ -218,6 +217,16 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items())
+
+
+def read_toml_text(path: str | Path, what: str) -> str:
+    """A TOML file's text; ConfigError naming the file when it cannot be read or is not UTF-8 (as TOML must be)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8: re-save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e}") from e
 
 
 def _plain(value):
