@@ -8,7 +8,9 @@ follows every edit, so the activations come from its figures: MiB per sample and
 training image, with and without gradient checkpointing, measured at batch 1 at each model's own size
 (`ACTIVATION_MIB_PER_MEGAPIXEL`). Activations grow with batch x pixels (convolutions, and flash
 attention, are linear in the tokens); fp32 activations (no autocast, fp32 weights) count twice. The
-weights and the LoRA's size are counted on the loaded model itself (`ModelMemory.of`).
+weights and the LoRA's size are counted on the loaded model itself (`ModelMemory.of`); LoHa and LoKr
+are counted as a LoRA of the same rank, and under the webui's --medvram the weights the webui keeps on
+the CPU are counted as on the GPU: a guide, not a limit.
 """
 
 from dataclasses import dataclass
