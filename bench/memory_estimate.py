@@ -41,9 +41,9 @@ import torch.nn.functional as F  # noqa: E402
 from lib_lora.models.architectures import FULL_SIZE  # noqa: E402
 from lib_lora.models.unet import UNetConfig, UNetModel  # noqa: E402
 from lib_lora.networks.network import LoraNetwork, make_network  # noqa: E402
+from lib_lora.train.memory import CUDA_OVERHEAD_MIB  # noqa: E402  (the tab's estimate uses this script's figures)
 from lib_lora.train.noise import masked_mse  # noqa: E402
 
-CUDA_OVERHEAD_MIB = 500  # CUDA context ~300-450 MiB (lazy module loading) + workspaces and allocator slack
 BUDGET_MIB = 8192  # an 8 GiB card
 MIB = 2**20
 

@@ -24,6 +24,7 @@ def controller():
             runs_dir=webui.runs_dir(),
             tool_lora_dirs=webui.lora_dirs(),
             checkpoint_dirs=webui.checkpoint_dirs(),
+            dataset_roots=(webui.dataset_root(),) if webui.dataset_root() else (),
             captioners=webui.captioners(),
             job_lock=binding.session,  # queue_lock + model preparation and restoration, around every use of the model
         )

@@ -65,6 +65,17 @@ def test_script_registers_the_tab_settings_and_unload(webui, tab_builder):
     assert registered["script_unloaded"][1:] == [webui_host.interrupt_active]
 
 
+def test_the_dataset_root_flag_limits_the_tabs_dataset_folders(webui, tab_builder, monkeypatch, tmp_path):
+    root = tmp_path / "datasets"
+    (root / "mine").mkdir(parents=True)
+    monkeypatch.setattr(webui.modules.shared.cmd_opts, "train_lora_dataset_root", str(root))
+    module = run_file(ROOT / "scripts" / "train_lora.py", "train_lora.py")
+    controller = module.controller()
+    assert controller.settings.dataset_roots == (root,)
+    assert controller.summary({"train_data_dir": str(tmp_path)}).error.startswith(f"train_data_dir: {tmp_path} is outside the dataset root")
+    assert "outside" not in controller.summary({"train_data_dir": str(root / "mine")}).error
+
+
 def test_app_started_adds_the_api_on_the_tabs_controller_behind_api_auth(webui, tab_builder, monkeypatch):
     pytest.importorskip("fastapi")
     from fastapi import FastAPI

@@ -551,7 +551,7 @@ def runs_dir() -> Path:
 
 
 def dataset_root() -> Path | None:
-    """--train-lora-dataset-root: the folder the tab offers datasets from (None: any path)."""
+    """--train-lora-dataset-root: the only folder the tab and the API read datasets from (None: any path; ui/roots.py)."""
     folder = getattr(_shared().cmd_opts, "train_lora_dataset_root", None)
     return Path(folder) if folder else None
 

@@ -1,6 +1,7 @@
 """Reading a flat dict of tensors from .safetensors or a weights-only torch file, with named errors."""
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -64,9 +65,11 @@ class LazyTensors(Mapping):
                 if not 2 <= header_len <= min(MAX_HEADER_BYTES, size - 8):
                     raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
                 header = json.loads(f.read(header_len))
+            if not isinstance(header, dict) or not isinstance(metadata := header.pop("__metadata__", None) or {}, dict):
+                raise ValueError("the header is not a JSON object of tensor entries with a __metadata__ object")
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise error(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
-        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self.metadata = {str(k): str(v) for k, v in metadata.items()}
         self._data_start, self._entries = 8 + header_len, {}
         for key, entry in header.items():
             self._entries[key] = self._check_entry(key, entry, size - self._data_start)
@@ -74,10 +77,12 @@ class LazyTensors(Mapping):
     def _check_entry(self, key: str, entry, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int]:
         """(dtype, shape, offset) of one tensor, after checking its header entry against the file."""
         try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
+                raise ValueError("shape and data_offsets must be whole numbers, not negative")
         except (KeyError, TypeError, ValueError) as e:
             raise self._error(f"{self._path}: header entry {key!r} is malformed ({e!r})") from None
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
             raise self._error(f"{self._path}: header entry {key!r} claims bytes {begin}..{end} for {nbytes} bytes of "
                               f"{entry['dtype']} {list(shape)}, in a data area of {data_size} bytes (truncated or corrupted?)")

@@ -1,4 +1,5 @@
-"""What presets and pre-run advice need to know of the base model: its architecture, eps|v and native size.
+"""What presets and pre-run advice need to know of the base model: its architecture, eps|v, native size and,
+on a GPU, its memory.
 
 The tab tailors its preset list to `arch`; `model_warnings` says where the options do not fit the model.
 Built from a host (`BaseModel.of`) at the edge, so the advice itself is plain and testable without one.
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from ..models.checkpoint import ARCH_NAMES
 from .config import TrainConfig
+from .memory import ModelMemory, memory_warning
 
 # A side this far from the native one, as a ratio, draws noticeably worse (SD1 at 768 px is still usual).
 SIZE_TOLERANCE = (0.75, 1.5)
@@ -25,10 +27,11 @@ class BaseModel:
     arch: str  # "sd1" | "sd2" | "sdxl"
     parameterization: str = "eps"  # "eps" | "v"
     size: int = 0  # side in px the model was trained at; 0: its architecture's (`native_size`)
+    memory: ModelMemory | None = None  # on a GPU: what the memory estimate needs (None: no estimate)
 
     @classmethod
     def of(cls, host) -> "BaseModel":
-        return cls(host.arch, host.schedule.parameterization, host.native_size or 0)
+        return cls(host.arch, host.schedule.parameterization, host.native_size or 0, ModelMemory.of(host))
 
     @property
     def native_size(self) -> int:
@@ -54,7 +57,9 @@ def model_warnings(config: TrainConfig, model: BaseModel | None) -> list[str]:
     if config.clip_skip != 1 and model.arch != "sd1":
         notes.append(f"clip_skip {config.clip_skip} is ignored on {ARCH_NAMES[model.arch]}: its text encoders use fixed layers, "
                      "as in the webui; set it to 1")
-    return notes + size_warnings(config.resolution, model)
+    notes += size_warnings(config.resolution, model)
+    too_big = memory_warning(config, model.arch, model.memory) if model.memory is not None else None
+    return notes + ([too_big] if too_big else [])
 
 
 def size_warnings(resolution: tuple[int, int], model: BaseModel) -> list[str]:

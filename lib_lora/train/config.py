@@ -8,6 +8,7 @@ from this dataclass (`fields()` gives names, types, defaults and help). Where ko
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive, _check_blocks,
-                      _check_pivotal):
+                      _check_pivotal, _check_caption_extension):
             check(self)
 
     @property
@@ -204,9 +205,10 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
+        text = read_toml_text(path, "the TOML config")
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: cannot read the TOML config: {e}") from e
         flat = {}
         for key, value in data.items():  # sections ([data], [network], ...) are only for reading comfort
@@ -215,6 +217,16 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items())
+
+
+def read_toml_text(path: str | Path, what: str) -> str:
+    """A TOML file's text; ConfigError naming the file when it cannot be read or is not UTF-8 (as TOML must be)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8: re-save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e}") from e
 
 
 def _plain(value):
@@ -289,10 +301,18 @@ def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_character(ch) for ch in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def _toml_character(ch: str) -> str:
+    """One character of a TOML basic string: quote and backslash escaped, and the control characters TOML
+    forbids raw (all but tab: a newline or DEL in a comment would make the file unreadable) as \\uXXXX."""
+    if ch in '"\\':
+        return "\\" + ch
+    return f"\\u{ord(ch):04x}" if (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F else ch
 
 
 def _check_choices(c: TrainConfig) -> None:
@@ -430,6 +450,14 @@ def _check_pivotal(c: TrainConfig) -> None:
     if not 1 <= c.num_vectors_per_token <= MAX_VECTORS_PER_TOKEN:
         raise ConfigError(f"num_vectors_per_token: must be 1 to {MAX_VECTORS_PER_TOKEN} (a prompt chunk's tokens), "
                           f"got {c.num_vectors_per_token}")
+
+
+def _check_caption_extension(c: TrainConfig) -> None:
+    """A caption file is `<image stem><caption_extension>` beside its image: a separator or control character
+    would name a file elsewhere (or none)."""
+    if not re.fullmatch(r"\.?[\w-]+", c.caption_extension):
+        raise ConfigError(f"caption_extension: {c.caption_extension!r} is not a file extension; use letters, digits, _ or - "
+                          f"after one leading dot, like .txt or .caption")
 
 
 def check_for_arch(config: TrainConfig, arch: str) -> None:

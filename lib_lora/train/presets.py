@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_bytes_atomically
-from .config import ConfigError, TrainConfig, _toml_value
+from .config import ConfigError, TrainConfig, _toml_value, read_toml_text
 
 # Options that belong to one dataset or run, not to a recipe: a preset never sets them.
 PRESET_EXCLUDED = frozenset({"train_data_dir", "reg_data_dir", "trigger_words", "output_name", "output_dir", "training_comment", "sample_prompts"})
@@ -138,8 +138,15 @@ def apply_preset(preset: Preset, current: TrainConfig) -> TrainConfig:
 
 
 def preset_to_toml(preset: Preset) -> str:
-    head = NAME_LINE + preset.name + "\n" + (WHY_LINE + preset.why.replace("\n", " ") + "\n" if preset.why else "")
+    why = _one_line(preset.why)
+    head = NAME_LINE + _one_line(preset.name) + "\n" + (WHY_LINE + why + "\n" if why else "")
     return head + "".join(f"{k} = {_toml_value(list(v) if isinstance(v, tuple) else v)}\n" for k, v in preset.values.items())
+
+
+def _one_line(text: str) -> str:
+    """`text` fit for a TOML comment line: runs of white space and line breaks (any Unicode one) as one space,
+    control characters (which TOML forbids in comments) left out."""
+    return " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())
 
 
 def preset_from_toml(text: str, source: str = "preset") -> Preset:
@@ -186,12 +193,7 @@ def save_preset(folder: Path, preset: Preset, *, overwrite: bool = False) -> Pat
 
 
 def load_preset(path: Path) -> Preset:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the preset: {e}") from e
-    return preset_from_toml(text, str(path))
+    return preset_from_toml(read_toml_text(path, "the preset"), str(path))
 
 
 def list_presets(folder: Path | None, arch: str | None = None) -> tuple[dict[str, Preset], list[str]]:

@@ -26,6 +26,7 @@ from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, latent_cache_bytes, plan_training, plan_warnings
 from .distributed import Distributed
+from .memory import out_of_memory_advice
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
 from .run_folder import Progress, RunFolder
@@ -38,6 +39,10 @@ VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
+
+
+# CUDA's out-of-memory error: torch.OutOfMemoryError since torch 2.5, torch.cuda.OutOfMemoryError (the same class) before
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -197,46 +202,50 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
     total = data.steps.total_steps
-    last_loss, tick = None, time.perf_counter()
+    last_loss, tick, batches = None, time.perf_counter(), []
     network.train()
-    while progress.global_step < total:
-        batches = epoch_batches(data, config, progress.epoch)
-        accumulate = config.gradient_accumulation_steps
-        for index in range(progress.batch_in_epoch, len(batches)):
-            samples = batches[index]
-            rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
-            batch = encoder.encode(samples, data_rng, rows)
-            noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
-            loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
-            batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
-            if not math.isfinite(batch_loss):
-                raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
-            if loss is not None:
-                scaler.scale(loss / accumulate).backward()
-            progress.batch_in_epoch = index + 1
-            if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
-                continue
-            lr = _set_lr(optimizer, config, progress.global_step, total)
-            distributed.sum_gradients(list(network.parameters()))
-            _optimizer_step(config, network, optimizer, scaler)
-            progress.global_step += 1
-            last_loss = batch_loss
-            now = time.perf_counter()
-            event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, progress.average_loss(last_loss), lr, 1 / max(now - tick, 1e-9))
-            tick = now
-            if distributed.is_main:
-                run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
-                emit(event)
-                _step_hooks(config, host, network, run, saver, progress, emit, save_state, total)
-            if distributed.any(host.interrupted()):
-                return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=True)
-            if progress.global_step >= total:
-                break
-        if progress.batch_in_epoch >= len(batches):
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            if distributed.is_main:
-                _epoch_hooks(config, host, network, data, run, saver, progress, save_state, emit)
-    return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=False)
+    try:
+        while progress.global_step < total:
+            batches = epoch_batches(data, config, progress.epoch)
+            accumulate = config.gradient_accumulation_steps
+            for index in range(progress.batch_in_epoch, len(batches)):
+                samples = batches[index]
+                rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
+                batch = encoder.encode(samples, data_rng, rows)
+                noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
+                loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
+                batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
+                if not math.isfinite(batch_loss):
+                    raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
+                if loss is not None:
+                    scaler.scale(loss / accumulate).backward()
+                progress.batch_in_epoch = index + 1
+                if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
+                    continue
+                lr = _set_lr(optimizer, config, progress.global_step, total)
+                distributed.sum_gradients(list(network.parameters()))
+                _optimizer_step(config, network, optimizer, scaler)
+                progress.global_step += 1
+                last_loss = batch_loss
+                now = time.perf_counter()
+                event = TrainEvent("step", progress.global_step, total, progress.epoch + 1, last_loss, progress.average_loss(last_loss), lr, 1 / max(now - tick, 1e-9))
+                tick = now
+                if distributed.is_main:
+                    run.log({"step": event.step, "epoch": event.epoch, "loss": last_loss, "avg_loss": event.avg_loss, "lr": lr, "it_per_s": event.it_per_s})
+                    emit(event)
+                    _step_hooks(config, host, network, run, saver, progress, emit, save_state, total)
+                if distributed.any(host.interrupted()):
+                    return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=True)
+                if progress.global_step >= total:
+                    break
+            if progress.batch_in_epoch >= len(batches):
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                if distributed.is_main:
+                    _epoch_hooks(config, host, network, data, run, saver, progress, save_state, emit)
+        return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=False)
+    except OUT_OF_MEMORY as e:
+        progress.batch_in_epoch = _last_whole_step(progress.batch_in_epoch, config.gradient_accumulation_steps, len(batches))
+        raise _out_of_memory(config, network, saver, progress, save_state, emit, e) from e
 
 
 def _check_latent_cache_room(encoder: BatchEncoder, data: TrainingData, config: TrainConfig) -> None:
@@ -378,6 +387,28 @@ def _stop(config, network, run, saver, progress, save_state: Callable[[], None],
     emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
     emit(TrainEvent("done", progress.global_step, epoch=progress.epoch, loss=last_loss, paths=[path], message="interrupted" if interrupted else "finished"))
     return TrainResult(run.path, path, progress.global_step, interrupted, last_loss)
+
+
+def _last_whole_step(batch_in_epoch: int, accumulate: int, batches: int) -> int:
+    """The batch index of the last optimizer step: inside a gradient-accumulation group, the group's start (the
+    loop steps after every `accumulate` batches and after the epoch's last one)."""
+    return batch_in_epoch if batch_in_epoch == batches else batch_in_epoch - batch_in_epoch % accumulate
+
+
+def _out_of_memory(config, network, saver, progress: Progress, save_state: Callable[[], None], emit, error) -> TrainingError:
+    """After CUDA ran out of memory: free what the failed step held, save the state and the LoRA of the last whole
+    optimizer step (as Interrupt does, so Resume continues there), and say how to fit."""
+    network.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; its micro-batches run again on resume
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    kept = "nothing was trained yet, so nothing was saved"
+    if saver is not None and progress.global_step:
+        path = saver.save_intermediate(network, progress, by_step=True)
+        save_state()  # last, as every save: a crash before it redoes the step
+        emit(TrainEvent("save", progress.global_step, epoch=progress.epoch, paths=[path]))
+        kept = f"the LoRA so far is saved as {path} and the run can be resumed from step {progress.global_step}"
+    return TrainingError(f"out of GPU memory at step {progress.global_step + 1} ({str(error).splitlines()[0][:120]}); {kept}. "
+                         f"To fit: {out_of_memory_advice(config)}")
 
 
 @torch.no_grad()

@@ -3,10 +3,12 @@
 `python -m lib_lora ui` (see `cli.py`). The txt2img panel resolves `<lora:name:w>` tags (several
 blend) in the host's Lora folder through `generate_with_loras`; it takes turns with training
 through the controller's model lock. The HTTP API (`api.py`, /train-lora/v1/) is added to the
-server's FastAPI app with the tab's controller. Binds to 127.0.0.1 unless told otherwise.
+server's FastAPI app with the tab's controller. Binds to 127.0.0.1 unless told otherwise, and warns
+when bound to an address other machines can reach.
 """
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from html import escape
@@ -29,12 +31,14 @@ from .tab import GRADIO_MAJOR, USER_ERRORS, TrainTab, create_tab, note  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[2]  # the extension root: javascript/ and style.css
 HISTORY = 8
+LOOPBACK = ("127.", "::1", "localhost")
 
 
 @dataclass(frozen=True)
 class AppOptions:
     out_dir: Path
     embedded: bool  # the embedded 64 px model: its preset and size are the defaults
+    dataset_roots: tuple[Path, ...] = ()  # --dataset-root: the only folders datasets are read from (empty: any)
 
 
 def assets() -> tuple[str, str]:
@@ -64,7 +68,8 @@ def create_app(host: StandaloneHost, options: AppOptions) -> tuple[gr.Blocks, Ta
     """The app's Blocks and the tab's controller (which the HTTP API is given)."""
     Path(host.lora_dir).mkdir(parents=True, exist_ok=True)
     settings = TabSettings(presets_dir=options.out_dir / "presets", defaults=DEMO if options.embedded else {}, lora_dir=Path(host.lora_dir),
-                           runs_dir=Path(host.runs_dir), checkpoint_dirs=checkpoint_dirs(host, options.out_dir))
+                           runs_dir=Path(host.runs_dir), checkpoint_dirs=checkpoint_dirs(host, options.out_dir),
+                           dataset_roots=options.dataset_roots)
     tab_blocks, controller, tab = create_tab(host, settings)
     css, js = assets()
     extra = {"head": f"<script>{js}</script>"} if GRADIO_MAJOR >= 4 and js else {}
@@ -137,10 +142,25 @@ def serve(blocks: gr.Blocks, controller: TabController, *, port: int, bind: str 
     return server
 
 
-def launch_app(checkpoint: Path | None, out_dir: Path, port: int, bind: str = "127.0.0.1", api_auth: str | None = None) -> None:
+def exposure_warning(bind: str, api_auth: str | None, dataset_roots: tuple[Path, ...]) -> str | None:
+    """What serving on `bind` opens to other machines, or None on a loopback address (this machine only)."""
+    if bind.startswith(LOOPBACK):
+        return None
+    missing = ([] if api_auth else ["--api-auth USER:PASS for the HTTP API"]) + ([] if dataset_roots else ["--dataset-root FOLDER"])
+    advice = f"; set {' and '.join(missing)}" if missing else ""
+    return (f"warning: serving on {bind}: anyone who can reach this machine can use the tab (train, read datasets "
+            f"{'under ' + ', '.join(map(str, dataset_roots)) if dataset_roots else 'in any folder this user can read'}, "
+            f"write LoRAs){advice}; Gradio's page itself has no password")
+
+
+def launch_app(checkpoint: Path | None, out_dir: Path, port: int, bind: str = "127.0.0.1", api_auth: str | None = None,
+               dataset_roots: tuple[Path, ...] = ()) -> None:
+    warning = exposure_warning(bind, api_auth, dataset_roots)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"loading {checkpoint or 'the embedded tiny model'} ...", flush=True)
     host = StandaloneHost.from_file(checkpoint, out_dir=out_dir)
-    blocks, controller = create_app(host, AppOptions(Path(out_dir), embedded=checkpoint is None))
+    blocks, controller = create_app(host, AppOptions(Path(out_dir), embedded=checkpoint is None, dataset_roots=dataset_roots))
     serve(blocks, controller, port=port, bind=bind, api_auth=api_auth)
     print(f"HTTP API: http://{bind}:{port}{PREFIX}/" + (" (HTTP Basic, --api-auth)" if api_auth else ""), flush=True)
     blocks.block_thread()

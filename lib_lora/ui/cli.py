@@ -8,7 +8,7 @@ def run_ui(args) -> None:
         from .app import launch_app
     except ImportError as e:
         raise SystemExit(f"the ui needs gradio: pip install -r requirements.txt ({e})") from e
-    launch_app(args.checkpoint, args.out_dir, args.port, args.bind, args.api_auth)
+    launch_app(args.checkpoint, args.out_dir, args.port, args.bind, args.api_auth, tuple(args.dataset_root or ()))
 
 
 def add_ui_command(commands) -> None:
@@ -19,4 +19,6 @@ def add_ui_command(commands) -> None:
     parser.add_argument("--bind", default="127.0.0.1", help="address to serve on (default: this machine only)")
     parser.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
                         help="HTTP Basic credentials for the HTTP API under /train-lora/v1/ (as the webui's --api-auth)")
+    parser.add_argument("--dataset-root", type=Path, action="append", metavar="FOLDER",
+                        help="datasets may only be read from (and prepared into) this folder; repeat for several (default: any folder)")
     parser.set_defaults(run=run_ui)

@@ -29,12 +29,14 @@ from ..networks.apply import find_lora_files
 from ..train import presets
 from ..train.base_model import BaseModel
 from ..train.config import ConfigError, TrainConfig
+from ..train.names import ALLOWED, name_problem
 from ..train.run_folder import CONFIG_FILE, STATE_FILE, RunFolder
 from ..train.trainer import train
 from . import compare, fields
-from .planning import PlanCache, summarize
+from .planning import PlanCache, PlanSummary, summarize
 from .queue import JobQueue, NotFoundError, QueuedJob, QueueView, RunInfo, list_runs, name_taken
 from .report import build_report
+from .roots import DATASET_FIELDS, check_config_paths, check_dataset_folder, check_inside
 from .runner import Cancelled, JobState, TrainingJob
 from .settings import TabSettings
 
@@ -98,6 +100,11 @@ class TabController:
         return self._asked
 
     def summary(self, values: dict):
+        try:
+            for field in DATASET_FIELDS:
+                self.check_dataset_folder(field, values.get(field) or "")
+        except ConfigError as e:
+            return PlanSummary(error=str(e))  # nothing outside the allowed roots is scanned
         return summarize(values, self.plans, self.base_model())
 
     def preset_names(self, *, ask: bool = False) -> list[str]:
@@ -124,14 +131,16 @@ class TabController:
 
     # --- dataset
     def report(self, values: dict):
+        for field in DATASET_FIELDS:
+            self.check_dataset_folder(field, values.get(field) or "")
         self.plans.clear()  # the user asked for a fresh look
         config = fields.config_from_widgets({**values, "train_data_dir": ""})  # options only; the folder may be wrong
         return build_report(values.get("train_data_dir", ""), caption_extension=config.caption_extension, resolution=config.resolution,
                             enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
                             bucket_no_upscale=config.bucket_no_upscale, reg_folder=values.get("reg_data_dir", ""))
 
-    @staticmethod
-    def thumbnails(folder: str, count: int = THUMBNAILS) -> list[Image.Image]:
+    def thumbnails(self, folder: str, count: int = THUMBNAILS) -> list[Image.Image]:
+        self.check_dataset_folder("train_data_dir", folder)
         root = Path(folder)
         if not folder or not root.is_dir():
             return []
@@ -147,6 +156,16 @@ class TabController:
         return images
 
     # --- folders
+    def check_dataset_folder(self, field: str, folder: str | Path) -> None:
+        """ConfigError naming `field` unless `folder` resolves inside the dataset roots (roots.py)."""
+        check_dataset_folder(field, folder, self.settings.dataset_roots)
+
+    def check_paths(self, config: TrainConfig, *, ask: bool = True, host: Host | None = None) -> None:
+        """Datasets inside the dataset roots, output_dir inside the Lora folder (`host`'s when given; where `ask`
+        is off, only when known without making the host: the run checks again with it)."""
+        lora_dir = Path(self.settings.lora_dir or host.lora_dir) if host is not None else self._folder("lora_dir", ask=ask)
+        check_config_paths(config, dataset_roots=self.settings.dataset_roots, lora_dir=lora_dir)
+
     def _folder(self, name: str, *, ask: bool = True) -> Path | None:
         """`settings.<name>` (lora_dir, runs_dir), else the host's; None where that would make the host and `ask` is off."""
         given = getattr(self.settings, name)
@@ -199,11 +218,14 @@ class TabController:
 
     def _launch(self, config: TrainConfig | None, run_dir: str, *, resume: bool, queued: QueuedJob | None = None) -> TrainingJob:
         if resume:
+            if run_dir.strip():
+                check_inside("run_dir", run_dir.strip(), [self.runs_dir()], "the runs folder")
             self.queue_held = False  # resuming continues the queue as well
             run_dir = run_dir.strip() or str(self._last_run_dir() or "")
             name = Path(run_dir).name if run_dir else ""
         else:
             if queued is None:
+                self.check_paths(config, ask=False)
                 self._check_name(config, ask=False)
             name = config.output_name
         self.job = TrainingJob(lambda job: self._train(job, config, run_dir, resume, waits=queued is not None),
@@ -219,6 +241,7 @@ class TabController:
                 folder = Path(run_dir) if run_dir else latest_run(host.runs_dir)
                 config = RunFolder.open(folder).config()
                 job.set_name(folder.name)
+            self.check_paths(config, host=host)  # a resumed run's or a queued job's file may have been edited since
             self.last_config = config
             return train(config, host, on_event=job.on_event, run_dir=folder, resume=resume)
 
@@ -268,6 +291,7 @@ class TabController:
         """Queue a run after the others; it starts at once if nothing trains and the queue is not held.
         ConfigError (naming output_name) if its output name is taken."""
         with self._start_lock:
+            self.check_paths(config)
             self._check_name(config)
             if not self.queue.jobs():
                 self.queue_held = False  # a hold means something only while jobs wait
@@ -362,6 +386,7 @@ class TabController:
     # --- after training
     def lora_folder(self, values: dict) -> Path:
         if values.get("output_dir"):
+            check_inside("output_dir", values["output_dir"], [self.lora_dir()], "the Lora folder")
             return Path(values["output_dir"])
         state = self.snapshot()
         if state.result is not None and state.result.final_path is not None:
@@ -382,12 +407,13 @@ class TabController:
             return compare.comparison_grid(host.generate, files, weights, params, progress)
 
     def keep(self, values: dict, label: str, final_name: str, replace_existing: bool, delete_epochs: bool) -> str:
+        name = (final_name or values.get("output_name") or "").strip()
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"final name {name!r} {problem}; {ALLOWED}")
         files = {f.label: f for f in self.saved_files(values)}
         if label not in files:
             raise ValueError(f"choose a saved file to keep (found: {', '.join(files) or 'none'})")
-        name = (final_name or values.get("output_name") or "").strip()
-        if not name or any(ch in name for ch in '/\\:*?"<>|'):
-            raise ValueError(f"final name {name!r} must be a plain file name")
         chosen = files[label].path
         final = chosen.with_name(name + chosen.suffix)
         delete = [f.path for f in files.values() if f.label != "final"] if delete_epochs else []
@@ -399,6 +425,7 @@ class TabController:
     def caption(self, folder: str, captioner: str, mode: str, extension: str, progress=None) -> str:
         from .tags import caption_folder
 
+        self.check_dataset_folder("train_data_dir", folder)
         if captioner not in self.settings.captioners:
             raise ValueError("captioning needs the webui's interrogators (BLIP, deepbooru); this host has none")
         with self._model("captioning"), self.settings.job_lock():

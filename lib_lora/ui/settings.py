@@ -24,6 +24,9 @@ class TabSettings:
     tool_lora_dirs: tuple[Path, ...] = ()
     # Folders the Tools' checkpoint pickers list (extract, bake); bake writes into the first. Empty: no checkpoint tools.
     checkpoint_dirs: tuple[Path, ...] = ()
+    # The folders datasets may be read from and written beside (roots.py); empty = any folder. The webui's
+    # --train-lora-dataset-root, the standalone app's --dataset-root.
+    dataset_roots: tuple[Path, ...] = ()
     # Image captioners the host offers, by name (the webui: BLIP, deepbooru); empty = captioning disabled.
     captioners: Mapping[str, Callable[[Image.Image], str]] = field(default_factory=dict)
     # Held around everything that uses the model: training, the comparison grid, captioning.

@@ -69,6 +69,8 @@ def wire_options(tab: TrainTab) -> None:
 def wire_prepare(tab: TrainTab) -> None:
     def prepare(source, destination, size, mode, use, dataset, progress=gr.Progress()):
         try:
+            tab.c.check_dataset_folder("Source folder", source or dataset)
+            tab.c.check_dataset_folder("New folder", destination)
             result = prepare_folder(source or dataset, destination, parse_size(size), mode, progress=lambda i, n: progress((i, n), desc="resizing"))
         except USER_ERRORS as e:
             return note(str(e), "error"), gr.update()
@@ -83,6 +85,7 @@ def wire_prepare(tab: TrainTab) -> None:
     edit_inputs = [w["train_data_dir"], w["caption_extension"], tab.tag_remove, tab.tag_replace, tab.tag_add, tab.tag_front, tab.tag_min]
 
     def preview(folder, extension, remove, replace, add, front, min_count):
+        tab.c.check_dataset_folder("train_data_dir", folder)
         changes = plan_tag_edits(folder, parse_tag_edit(remove, replace, add, front, min_count or 0), extension)
         return changes_html(changes), changes
 
