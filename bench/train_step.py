@@ -87,8 +87,8 @@ def step_ops(host, size: int, rank: int, with_text_encoder: bool) -> Counter:
     return counter.counts
 
 
-def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, on_event) -> None:
-    """A real training run of `steps` steps on one red square (one epoch: no state saves between steps)."""
+def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, on_event, conv_dim: int = 0) -> None:
+    """A real training run of `steps` steps on one red square (one epoch: no state saves between steps); LoCon if `conv_dim`."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data" / f"{steps}_bench"  # one epoch: no per-epoch state saves in the timing
         folder.mkdir(parents=True)
@@ -98,6 +98,7 @@ def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, 
             train_data_dir=str(folder.parent), resolution=(size, size), max_train_epochs=1,
             network_dim=rank, network_alpha=rank, network_train_unet_only=not with_text_encoder, output_dir=tmp,
             output_name="bench", save_precision="fp16",
+            **({"network_type": "locon", "conv_dim": conv_dim, "conv_alpha": conv_dim} if conv_dim else {}),
         )
         train(config, host, on_event=on_event, run_dir=Path(tmp) / "run")
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import AdapterModule, Factor, conv_geometry, layer_kind
 from .errors import LoraFormatError
-from .functional import apply_weight, flat_shape, lora_delta_weight, rank_dropout_mask
+from .functional import apply_weight, flat_shape, lora_delta_weight, low_rank_add, rank_dropout_mask
 
 
 def _as_linear(t: torch.Tensor) -> torch.Tensor:
@@ -119,19 +119,24 @@ class LoRAModule(AdapterModule):
     def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
         """output + forward_delta(x), fused for plain LoRA (no Tucker core, no DoRA) on Linear and 1×1-conv hosts.
 
-        The up projection and the sum are one addmm/baddbmm with the scale as its alpha (one layer-wide
-        pass, no separate add or multiply), and a 1×1 down projection is a matmul rather than a
-        conv. The fewer ops per adapter matter twice: on a CPU the layer-wide passes are most of what
-        LoRA costs, and a GPU at batch 1 waits on each op's launch. Out of place on purpose: an
-        in-place add into a view of the output makes autograd copy the whole gradient in backward.
+        Without training-time neuron or rank dropout, one autograd op (`low_rank_add`) computes the down and
+        the up projections, the up one added into the output with the scale as its alpha, and backward's
+        four matmuls, with none of the reshape and transpose nodes autograd would record and replay. The
+        fewer ops per adapter matter twice: on a CPU the layer-wide passes are most of what LoRA costs, and
+        a GPU at batch 1 waits on each op's launch. Out of place on purpose: an in-place add into a view of
+        the output makes autograd copy the whole gradient in backward.
         """
         kind = layer_kind(layer)
         plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
         if self.lora_mid is not None or self.dora_scale is not None or not (kind == "linear" or plain_conv):
             return super().add_delta(x, layer, output, strength)
         x = x.to(output.dtype)  # under autocast a layer may take fp32 in and give fp16 out
-        down = self.lora_down.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [r, in]
-        up = self.lora_up.weight.to(device=x.device, dtype=x.dtype).flatten(1)  # [out, r]
+        down = self.lora_down.weight.to(device=x.device, dtype=x.dtype)  # [r, in(, 1, 1)]
+        up = self.lora_up.weight.to(device=x.device, dtype=x.dtype)  # [out, r(, 1, 1)]
+        if not (self.training and (self.dropout > 0 or self.rank_dropout > 0)):
+            return low_rank_add(output, x, down if plain_conv else down.flatten(1), up if plain_conv else up.flatten(1),
+                                self.scale * strength, conv1x1=plain_conv)
+        down, up = down.flatten(1), up.flatten(1)
         if kind == "linear":
             h, scale = self._hidden(F.linear(x, down), layer, strength)  # [..., r]
             return torch.addmm(output.reshape(-1, up.shape[0]), h.reshape(-1, self.rank), up.t(), alpha=scale).view(output.shape)

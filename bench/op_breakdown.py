@@ -1,0 +1,189 @@
+"""Where a training step's ATen operations come from, by source and by op name.
+
+    python bench/op_breakdown.py [--size 256] [--rank 16] [--conv-dim 0] [--with-text-encoder]
+
+Counts the same step as `train_step.py --count-ops` (step 3 of a real run on the random SD1.5
+checkpoint) with every dispatched ATen op counted, views, reshapes, `t`, `detach` and casts included,
+and attributes each to a source:
+- forward: the adapters (per component and host kind: Linear, 1x1 conv, kxk LoCon, through a
+  patched `AdapterModule._forward_hook`), the frozen UNet and text encoder (module hooks), and the
+  rest by the innermost trainer/optimizer function on the Python stack;
+- backward: the forward source of the autograd node being run (a pre-hook on every node the forward
+  made), the parameters' gradient accumulation, and the engine's own gradient sums (no node running).
+Prints a table by source, then the op names of each of the largest sources.
+"""
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from train_step import CHECKPOINT, floor_ops, run_config  # noqa: E402
+from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
+from lib_lora.networks.base import AdapterModule, layer_kind  # noqa: E402
+
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "slice", "select", "detach",
+         "as_strided", "alias", "split", "split_with_sizes", "unflatten", "_reshape_alias", "unbind", "chunk"}
+STACK_SOURCES = (("torch/optim/", "optimizer step"), ("clip_grad", "grad clipping"), ("zero_grad", "grad zeroing"),
+                 ("_engine_run_backward", "backward: engine gradient sums (between nodes)"))
+
+
+def adapter_source(module: AdapterModule, layer) -> str:
+    component = "text encoder" if module.lora_name.startswith("lora_te") else "UNet"
+    kind = layer_kind(layer)
+    if kind == "conv":
+        return f"adapter {component} {'x'.join(map(str, layer.kernel_size))} LoCon"
+    return f"adapter {component} {'Linear' if kind == 'linear' else '1x1 conv'}"
+
+
+def stack_source() -> str:
+    """The op's source from the Python stack: optimizer, clipping, zeroing, the autograd engine, or the innermost trainer function."""
+    frame, trainer_function = sys._getframe(2), None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        for marker, source in STACK_SOURCES:
+            if marker in name or marker == frame.f_code.co_name:
+                return source
+        if trainer_function is None and name.endswith("lib_lora/train/trainer.py"):
+            trainer_function = frame.f_code.co_name
+        frame = frame.f_back
+    return f"trainer {trainer_function}" if trainer_function else "other"
+
+
+class AttributedCounter(TorchDispatchMode):
+    """Counts ops by (source, name); the source is the innermost region on `self.regions`, else the backward node's, else the stack's."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.regions: list[str] = []
+        self.backward_source: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).split(".")[-1]
+        if torch._C._current_autograd_node() is not None:
+            source = f"backward: {self.backward_source}"
+        elif self.regions:
+            source = f"forward: {self.regions[-1]}"
+        else:
+            source = stack_source()
+        self.counts[source][name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class NodeTagger(TorchFunctionMode):
+    """Puts a pre-hook on each autograd node the forward makes, so its backward ops are counted under the forward's source."""
+
+    def __init__(self, counter: AttributedCounter):
+        super().__init__()
+        self.counter, self.seen = counter, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        source = self.counter.regions[-1] if self.counter.regions else stack_source()
+        for tensor in result if isinstance(result, (tuple, list)) else (result,):
+            node = getattr(tensor, "grad_fn", None) if isinstance(tensor, torch.Tensor) else None
+            if node is not None:
+                self.tag_tree(node, source)
+        return result
+
+    def tag_tree(self, node, source: str) -> None:
+        """`node` and the gradient accumulators of the parameters it feeds (a custom autograd Function's output)."""
+        self.tag(node, source)
+        for parent, _ in node.next_functions:
+            if parent is not None and type(parent).__name__ == "AccumulateGrad":
+                self.tag(parent, "parameter grad accumulation")
+
+    def tag(self, node, source: str) -> None:
+        if node in self.seen:
+            return
+        self.seen.add(node)
+
+        def pre_hook(grad_outputs):
+            self.counter.backward_source = source
+
+        node.register_prehook(pre_hook)
+
+
+@contextmanager
+def regions(counter: AttributedCounter, tagger: NodeTagger, host):
+    """Forward regions: the frozen UNet and text encoders (module hooks) and each adapter (its hook, patched;
+    its output's node tagged too, as autograd Functions are not torch functions the tagger sees)."""
+    handles = []
+
+    def enter(source):
+        return lambda *_: counter.regions.append(source)
+
+    def leave(*_):
+        counter.regions.pop()
+
+    for module, source in [(host.unet, "UNet (frozen)")] + [(m.module, "text encoder (frozen)") for m in host.text_encoders]:
+        handles += [module.register_forward_pre_hook(enter(source)), module.register_forward_hook(leave)]
+    original = AdapterModule._forward_hook
+
+    def hooked(self, layer, inputs, output):
+        source = adapter_source(self, layer)
+        counter.regions.append(source)
+        try:
+            result = original(self, layer, inputs, output)
+        finally:
+            counter.regions.pop()
+        if result.grad_fn is not None and torch._C._is_torch_function_mode_enabled():
+            tagger.tag_tree(result.grad_fn, source)
+        return result
+
+    AdapterModule._forward_hook = hooked
+    try:
+        yield
+    finally:
+        AdapterModule._forward_hook = original
+        for handle in handles:
+            handle.remove()
+
+
+def step_breakdown(host, size: int, rank: int, conv_dim: int, with_text_encoder: bool) -> dict[str, Counter]:
+    counter = AttributedCounter()
+    tagger = NodeTagger(counter)
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 2:
+            tagger.__enter__()
+            counter.__enter__()
+        elif event.kind == "step" and event.step == 3:
+            counter.__exit__(None, None, None)
+            tagger.__exit__(None, None, None)
+
+    with regions(counter, tagger, host):
+        run_config(host, size, 4, rank, with_text_encoder, on_event, conv_dim=conv_dim)
+    return counter.counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--conv-dim", type=int, default=0, help="LoCon: also adapt the 3x3 convs at this rank")
+    parser.add_argument("--with-text-encoder", action="store_true")
+    args = parser.parse_args()
+    host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path("/tmp"))
+    floor = sum(floor_ops(host, args.size).values())
+    counts = step_breakdown(host, args.size, args.rank, args.conv_dim, args.with_text_encoder)
+    total = sum(sum(c.values()) for c in counts.values())
+    print(f"floor {floor}, step {total}, ratio {total / floor:.2f}x")
+    print("| source | ops | of which views/casts |\n|---|---|---|")
+    for source, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values())):
+        light = sum(n for name, n in ops.items() if name in VIEWS or name == "_to_copy")
+        print(f"| {source} | {sum(ops.values())} | {light} |")
+    for source, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:12]:
+        print(f"{source}: " + ", ".join(f"{name} {n}" for name, n in ops.most_common(14)))
+
+
+if __name__ == "__main__":
+    main()
