@@ -47,27 +47,51 @@ def test_hooked_equals_merged_weight(variant, kind):
     module.remove()
 
 
+def _output_and_grads(out: torch.Tensor, tensors) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    out.square().sum().backward()
+    found = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out.detach(), found
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_fused_training_step_matches_plain_sum(kind):
-    """The hook's fused in-place path gives the output and gradients of output + forward_delta(x)."""
+    """The hook's fused path gives the output and gradients of output + forward_delta(x)."""
     layer = make_layer(kind)
     module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=2.0)
     torch.nn.init.normal_(module.lora_up.weight)
     module.multiplier = 0.8
     x = input_for(layer).requires_grad_(True)
-
-    def grads(out):
-        out.square().sum().backward()
-        found = [t.grad.clone() for t in (x, module.lora_down.weight, module.lora_up.weight)]
-        for t in (x, module.lora_down.weight, module.lora_up.weight):
-            t.grad = None
-        return out.detach(), found
-
-    expected = grads(layer(x) + module.forward_delta(x, layer, 0.8))
+    tensors = (x, module.lora_down.weight, module.lora_up.weight)
+    expected = _output_and_grads(layer(x) + module.forward_delta(x, layer, 0.8), tensors)
     module.apply_to()
-    got = grads(layer(x))
+    got = _output_and_grads(layer(x), tensors)
     module.remove()
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    for g, e in zip(got[1], expected[1]):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+@pytest.mark.parametrize("host", ["trainable weight", "another hook first"])
+def test_gradients_through_the_host_are_kept_where_the_adapter_cannot_compute_them(kind, host):
+    """On a frozen host the adapter's backward computes x's gradient through the host weight itself; a host
+    that trains its own weight, or whose output another hook changed, keeps its own backward (nothing lost)."""
+    layer = make_layer(kind)
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=2.0)
+    torch.nn.init.normal_(module.lora_up.weight)
+    x = input_for(layer).requires_grad_(True)
+    tensors = [x, module.lora_down.weight, module.lora_up.weight]
+    if host == "trainable weight":
+        layer.weight.requires_grad_(True)
+        tensors.append(layer.weight)
+    else:
+        layer.register_forward_hook(lambda _, inputs, output: output * 1.5)
+    expected = _output_and_grads(layer(x) + module.forward_delta(x, layer), tensors)
+    module.apply_to()
+    got = _output_and_grads(layer(x), tensors)
+    module.remove()
     for g, e in zip(got[1], expected[1]):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.hooks import RemovableHandle
 
 from ..models.open_clip_text import FusedSlice
@@ -33,6 +34,19 @@ def layer_kind(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros":
         return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
     return None
+
+
+def sole_frozen_host(layer: nn.Module, output: torch.Tensor) -> bool:
+    """Whether `output` is exactly x·Wᵀ (+ b) of `layer` in the weight's dtype, seen by one forward hook only.
+
+    A stock torch Linear or Conv2d (not one whose forward a webui extension patched), its weight and bias
+    frozen, no pre-hook and no other forward hook on it or global ones: an adapter's backward may then
+    compute x's gradient through the host weight itself and send none back through the host.
+    """
+    stock = type(layer) in (nn.Linear, nn.Conv2d) and type(layer).forward.__module__.startswith("torch.nn.")
+    frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+    alone = len(layer._forward_hooks) == 1 and not (layer._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks)
+    return stock and frozen and alone and layer.weight.dtype == output.dtype
 
 
 def conv_geometry(layer: nn.Module) -> dict:

@@ -226,64 +226,78 @@ class _LowRankAddLinear(torch.autograd.Function):
     """output + scale·(x @ downᵀ) @ upᵀ on x [..., in], down [r, in], up [out, r], with backward written out.
 
     Autograd's graph of the same expression keeps a node for every reshape and transpose and replays
-    each in backward: about 27 dispatched ops per adapter and step, against 15 here (the four
-    matmuls of backward: grad_h = g @ up·scale, grad_up = gᵀ @ h·scale, grad_down = grad_hᵀ @ x,
-    grad_x = grad_h @ down). On a GPU at batch 1 a step waits on each of them.
+    each in backward; this keeps backward's four matmuls (grad_h = g @ up·scale, grad_up = gᵀ @ h·scale,
+    grad_down = grad_hᵀ @ x, grad_x = grad_h @ down) and their views. With `host_weight` (output = x @ Wᵀ + b
+    of a frozen host), x's whole gradient is one addmm here (g @ W + grad_h @ down) and output gets none,
+    so the host's own backward and the engine's sum of the two gradients of x drop out.
     """
 
     @staticmethod
-    def forward(ctx, output, x, down, up, scale):
+    def forward(ctx, output, x, down, up, scale, host_weight):
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         h = torch.mm(x2, down.t())  # [N, r]
-        ctx.save_for_backward(x2, h, down, up)
+        ctx.save_for_backward(x2, h, down, up, host_weight)
         ctx.scale, ctx.x_shape = scale, x.shape
         return torch.addmm(output.reshape(-1, up.shape[0]), h, up.t(), alpha=scale).view(output.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, down, up = ctx.saved_tensors
+        x2, h, down, up, host_weight = ctx.saved_tensors
         g = grad.reshape(-1, up.shape[0])  # [N, out]
         grad_h = _scaled(torch.mm(g, up), ctx.scale)  # [N, r]
-        grad_x = torch.mm(grad_h, down).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.mm(grad_h, down) if host_weight is None else torch.addmm(torch.mm(g, host_weight), grad_h, down)
+            grad_x = grad_x.view(ctx.x_shape)
         grad_down = torch.mm(grad_h.t(), x2) if ctx.needs_input_grad[2] else None
         grad_up = _scaled(torch.mm(g.t(), h), ctx.scale) if ctx.needs_input_grad[3] else None
-        return grad, grad_x, grad_down, grad_up, None
+        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None
 
 
 class _LowRankAddConv1x1(torch.autograd.Function):
-    """The 1×1-conv form of `_LowRankAddLinear`: x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)], as
-    batched matmuls over the channel axis (no conv, no copy to channels-last)."""
+    """The 1×1-conv form of `_LowRankAddLinear`: x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)], host
+    weight [out, in, 1, 1], as batched matmuls over the channel axis (no conv, no copy to channels-last)."""
 
     @staticmethod
-    def forward(ctx, output, x, down, up, scale):
+    def forward(ctx, output, x, down, up, scale, host_weight):
         batch = x.shape[0]
         x3 = x.reshape(batch, x.shape[1], -1)  # [B, in, HW]
         down2, up2 = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
         h = torch.bmm(down2.expand(batch, -1, -1), x3)  # [B, r, HW]
-        ctx.save_for_backward(x3, h, down2, up2)
+        ctx.save_for_backward(x3, h, down2, up2, host_weight)
         ctx.scale, ctx.x_shape, ctx.down_shape, ctx.up_shape = scale, x.shape, down.shape, up.shape
         out3 = output.reshape(batch, up2.shape[0], -1)
         return torch.baddbmm(out3, up2.expand(batch, -1, -1), h, alpha=scale).view(output.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x3, h, down2, up2 = ctx.saved_tensors
+        x3, h, down2, up2, host_weight = ctx.saved_tensors
         batch = x3.shape[0]
         g = grad.reshape(batch, up2.shape[0], -1)  # [B, out, HW]
         grad_h = _scaled(torch.bmm(up2.t().expand(batch, -1, -1), g), ctx.scale)  # [B, r, HW]
-        grad_x = torch.bmm(down2.t().expand(batch, -1, -1), grad_h).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(down2.t().expand(batch, -1, -1), grad_h)
+            if host_weight is not None:
+                grad_x = torch.baddbmm(grad_x, host_weight.flatten(1).t().expand(batch, -1, -1), g)
+            grad_x = grad_x.view(ctx.x_shape)
         grad_down = torch.bmm(grad_h, x3.transpose(1, 2)).sum(0).view(ctx.down_shape) if ctx.needs_input_grad[2] else None
         grad_up = _scaled(torch.bmm(g, h.transpose(1, 2)).sum(0), ctx.scale).view(ctx.up_shape) if ctx.needs_input_grad[3] else None
-        return grad, grad_x, grad_down, grad_up, None
+        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None
 
 
 def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1 else t.mul_(scale)  # in place on a fresh small product: no extra allocation
 
 
-def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, conv1x1: bool) -> torch.Tensor:
+def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, conv1x1: bool,
+                 host_weight: torch.Tensor | None = None) -> torch.Tensor:
     """output + scale·up(down(x)), out of place, in x's dtype: on a Linear host x [..., in], down [r, in], up [out, r];
-    on a 1×1 stride-1 unpadded conv host (`conv1x1`) x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)]."""
+    on a 1×1 stride-1 unpadded conv host (`conv1x1`) x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)].
+
+    Give `host_weight` only when `output` is exactly the frozen host's x @ Wᵀ (+ b) in x's dtype: backward then
+    computes x's whole gradient and sends none back through the host.
+    """
     if conv1x1:
-        return _LowRankAddConv1x1.apply(output, x, down, up, scale)
-    return _LowRankAddLinear.apply(output, x, down, up, scale)
+        return _LowRankAddConv1x1.apply(output, x, down, up, scale, host_weight)
+    return _LowRankAddLinear.apply(output, x, down, up, scale, host_weight)

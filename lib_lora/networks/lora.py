@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, Factor, conv_geometry, layer_kind
+from .base import AdapterModule, Factor, conv_geometry, layer_kind, sole_frozen_host
 from .errors import LoraFormatError
 from .functional import apply_weight, flat_shape, lora_delta_weight, low_rank_add, rank_dropout_mask
 
@@ -111,7 +111,8 @@ class LoRAModule(AdapterModule):
         """strength·scale·up(down(x)) with kohya's training-time dropouts; equals x through delta_weight in eval."""
         (down, down_geo), *rest = self._factors(layer)
         h, scale = self._hidden(apply_weight(x, down.to(device=x.device, dtype=x.dtype), **down_geo), layer, strength)
-        h = h * scale
+        if scale != 1:  # alpha = rank: no op to launch, forward or backward
+            h = h * scale
         for weight, geometry in rest:
             h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
         return h
@@ -121,7 +122,9 @@ class LoRAModule(AdapterModule):
 
         Without training-time neuron or rank dropout, one autograd op (`low_rank_add`) computes the down and
         the up projections, the up one added into the output with the scale as its alpha, and backward's
-        four matmuls, with none of the reshape and transpose nodes autograd would record and replay. The
+        four matmuls, with none of the reshape and transpose nodes autograd would record and replay; on a
+        frozen stock host whose output only this hook sees, it also computes x's gradient through the host
+        weight, so that the host's own backward and the sum of x's two gradients drop out. The
         fewer ops per adapter matter twice: on a CPU the layer-wide passes are most of what LoRA costs, and
         a GPU at batch 1 waits on each op's launch. Out of place on purpose: an in-place add into a view of
         the output makes autograd copy the whole gradient in backward.
@@ -135,7 +138,7 @@ class LoRAModule(AdapterModule):
         up = self.lora_up.weight.to(device=x.device, dtype=x.dtype)  # [out, r(, 1, 1)]
         if not (self.training and (self.dropout > 0 or self.rank_dropout > 0)):
             return low_rank_add(output, x, down if plain_conv else down.flatten(1), up if plain_conv else up.flatten(1),
-                                self.scale * strength, conv1x1=plain_conv)
+                                self.scale * strength, conv1x1=plain_conv, host_weight=layer.weight if sole_frozen_host(layer, output) else None)
         down, up = down.flatten(1), up.flatten(1)
         if kind == "linear":
             h, scale = self._hidden(F.linear(x, down), layer, strength)  # [..., r]
