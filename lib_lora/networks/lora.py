@@ -136,11 +136,17 @@ class LoRAModule(AdapterModule):
         x = x.to(output.dtype)  # under autocast a layer may take fp32 in and give fp16 out
         down = self.lora_down.weight.to(device=x.device, dtype=x.dtype)  # [r, in(, 1, 1)]
         up = self.lora_up.weight.to(device=x.device, dtype=x.dtype)  # [out, r(, 1, 1)]
-        if not (self.training and (self.dropout > 0 or self.rank_dropout > 0)):
-            return low_rank_add(output, x, down if plain_conv else down.flatten(1), up if plain_conv else up.flatten(1),
-                                self.scale * strength, conv1x1=plain_conv, host_weight=layer.weight if sole_frozen_host(layer, output) else None)
-        down, up = down.flatten(1), up.flatten(1)
-        if kind == "linear":
+        if self.training and (self.dropout > 0 or self.rank_dropout > 0):
+            return self._add_delta_with_dropout(x, layer, output, strength, down.flatten(1), up.flatten(1))
+        if not plain_conv:
+            down, up = down.flatten(1), up.flatten(1)  # [r, in], [out, r]: 1x1-conv tensors on a Linear host
+        host_weight = layer.weight if sole_frozen_host(layer, output) else None
+        return low_rank_add(output, x, down, up, self.scale * strength, conv1x1=plain_conv, host_weight=host_weight)
+
+    def _add_delta_with_dropout(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float,
+                                down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """`add_delta` with kohya's neuron or rank dropout on down(x), through autograd; down [r, in], up [out, r]."""
+        if layer_kind(layer) == "linear":
             h, scale = self._hidden(F.linear(x, down), layer, strength)  # [..., r]
             return torch.addmm(output.reshape(-1, up.shape[0]), h.reshape(-1, self.rank), up.t(), alpha=scale).view(output.shape)
         batch, _, height, width = x.shape
