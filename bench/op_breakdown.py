@@ -30,7 +30,7 @@ from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_lora.networks.base import AdapterModule, layer_kind  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "slice", "select", "detach",
-         "as_strided", "alias", "split", "split_with_sizes", "unflatten", "_reshape_alias", "unbind", "chunk"}
+         "as_strided", "alias", "split", "split_with_sizes", "unbind"}
 STACK_SOURCES = (("torch/optim/", "optimizer step"), ("clip_grad", "grad clipping"), ("zero_grad", "grad zeroing"),
                  ("_engine_run_backward", "backward: engine gradient sums (between nodes)"))
 
