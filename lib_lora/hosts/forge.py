@@ -18,6 +18,11 @@ Forge's code (`main` @ dfdcbab6, webui-integration.md §5.2):
   processing engines and the VAE's `first_stage_model` are called directly instead.
 - Its Linear is `backend.operations.ForgeOperations.Linear`, no `nn.Linear` (networks.base.layer_kind
   takes it by name and weight shape); its Conv2d subclasses `nn.Conv2d`.
+- Its UNet code is written for inference: BasicTransformerBlock adds into its input in place (`x += n`,
+  backend/nn/unet.py) after its LayerNorm saved it, and on the CPU (or with --attention-split/--attention-quad)
+  attention is sub-quadratic or split (backend/attention.py), which write their results in place
+  (`torch.exp(..., out=...)`). For the session the norms get a copy of their input when it needs gradients,
+  and the UNet's attention is PyTorch's scaled_dot_product_attention (found trying Forge on the CPU).
 - `load_models_gpu` moves patchers between devices at any call and merges a prompt's LoRA into the
   shared weights when a patched clone loads (`LoraLoader.refresh`). The session trains through the
   original patchers (`forge_objects_original`): loading them puts the model on the device and gives the
@@ -160,7 +165,10 @@ class ForgeHost(WebuiFamilyHost):
 
     @contextmanager
     def forward_hooks(self) -> Iterator[None]:
-        handles = [m.register_forward_pre_hook(self._before_forward) for m in [self.unet] + [t.module for t in self.text_encoders]]
+        """The hooks training needs: loading and plain weights before each forward, copies for the block norms."""
+        roots = [self.unet] + [t.module for t in self.text_encoders]
+        handles = [m.register_forward_pre_hook(self._before_forward) for m in roots]
+        handles += [norm.register_forward_pre_hook(_copy_of_input) for norm in _block_norms(self.unet)]
         try:
             yield
         finally:
@@ -185,6 +193,37 @@ class ForgeHost(WebuiFamilyHost):
         for patcher in self.patchers:
             if Path(path).name in patcher.lora_loader.loaded_hash:
                 patcher.lora_loader.loaded_hash = "stale " + patcher.lora_loader.loaded_hash
+
+
+def _block_norms(unet: nn.Module) -> list[nn.Module]:
+    """norm1/norm2/norm3 of every BasicTransformerBlock: each sees an input the block then adds into in place."""
+    return [getattr(block, name) for block in unet.modules() if type(block).__name__ == "BasicTransformerBlock"
+            for name in ("norm1", "norm2", "norm3") if getattr(block, name, None) is not None]
+
+
+def _copy_of_input(norm: nn.Module, args: tuple):
+    """Forward pre-hook: a LayerNorm saves its input for backward, and Forge's block then changes that input in
+    place (`x += n`); given a copy, the saved tensor stays as it was."""
+    if torch.is_grad_enabled() and args[0].requires_grad:
+        return (args[0].clone(), *args[1:])
+    return None
+
+
+@contextmanager
+def _differentiable_attention() -> Iterator[None]:
+    """PyTorch's attention in the UNet for the session unless Forge's choice is already differentiable (PyTorch or
+    xformers): its sub-quadratic and split attention compute in place. CrossAttention reads the module global
+    `backend.nn.unet.attention_function` at each call."""
+    from backend import attention
+    from backend.nn import unet
+
+    chosen = unet.attention_function
+    if chosen not in (attention.attention_pytorch, attention.attention_xformers):
+        unet.attention_function = attention.attention_pytorch
+    try:
+        yield
+    finally:
+        unet.attention_function = chosen
 
 
 def _schedule(predictor) -> NoiseSchedule:
@@ -256,6 +295,7 @@ def open_forge_host(*, hold_lock: bool = True, id_task: str | None = None) -> It
         host.load(*host.patchers)  # the last generation's LoRA is unmerged here
         stack.enter_context(_frozen(host.base_parameters(), host.unet))
         stack.enter_context(host.forward_hooks())
+        stack.enter_context(_differentiable_attention())
         stack.callback(host._remove_checkpointing)
         yield stack.enter_context(activated(host))
 

@@ -7,7 +7,8 @@ sd_model.forge_objects(.original, _after_applying_lora)   ForgeObjects(unet, cli
 sd_model.text_processing_engine (SD1) or _l / _g (SDXL), set_clip_skip, and the @torch.inference_mode() calls
 get_learned_conditioning, encode_first_stage, decode_first_stage.
 
-Every model is built with ForgeOperations and its weights made inside inference mode, as forge_loader does.
+Every model is built with ForgeOperations and its weights made inside inference mode, as forge_loader does;
+the UNet's attention and transformer blocks are Forge's (backend/nn/unet.py: in-place adds, CPU attention).
 """
 
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from backend.nn.unet import as_forge_unet
 from backend.operations import move, with_forge_operations
 from backend.patcher import CLIP, VAE, ModelPatcher
 from lib_lora.demo.tiny import TINY_TEXT, random_tiny_checkpoint
@@ -115,7 +117,7 @@ class StableDiffusion:
         ckpt = random_tiny_checkpoint(seed, arch)
         self.is_sd1, self.is_sdxl = arch == "sd1", arch == "sdxl"
         encoders = {"clip_l": IntegratedCLIP(TINY_TEXT)} | ({"clip_g": IntegratedCLIP(TINY_CLIP_G, CLIP_G_PROJECTION)} if self.is_sdxl else {})
-        clip, unet = CLIP(encoders), ModelPatcher(KModel(ckpt.unet), "unet")
+        clip, unet = CLIP(encoders), ModelPatcher(KModel(as_forge_unet(ckpt.unet)), "unet")
         vae = VAE(IntegratedAutoencoderKL(ckpt.vae))
         with torch.inference_mode():  # backend/loader.py forge_loader
             for model in (unet.model, clip.cond_stage_model, vae.first_stage_model):
