@@ -72,7 +72,7 @@ def check_forge_trainable(sd_model) -> None:
         raise WebuiHostError("The loaded checkpoint is the SDXL refiner; LoRAs are trained on the SDXL base model or a fine-tune of it. Load one to train.")
     if getattr(sd_model, "is_inpaint", False):
         raise WebuiHostError("The loaded checkpoint is an inpainting model; train on its base model instead.")
-    storage = getattr(sd_model.forge_objects_original.unet.model, "storage_dtype", torch.float16)
+    storage = sd_model.forge_objects_original.unet.model.storage_dtype  # a dtype, or "nf4" / "fp4" / "gguf"
     if storage not in _FLOAT_STORAGE:
         raise WebuiHostError(f"The UNet is stored as {storage}; adapters need float16, bfloat16 or float32 weights. Set "
                              "'Diffusion in Low Bits' at the top of the page to Automatic (the model reloads), then train.")

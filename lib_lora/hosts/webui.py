@@ -44,7 +44,7 @@ _SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM"}  # lib_lora
 _CHECKPOINT_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})  # what sd_hijack_checkpoint wraps
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
-_active: "WebuiHost | None" = None  # the host of the running session, for on_script_unloaded
+_active: "WebuiFamilyHost | None" = None  # the host of the running session, for on_script_unloaded
 
 
 NO_EMBEDDINGS = ("Pivotal tuning (trainable trigger-word embeddings) is not available inside the webui yet; train "
