@@ -180,6 +180,17 @@ def test_a_file_written_again_under_its_name_is_the_one_forge_uses_once_register
         assert not same_weights(first, unet_weights(forge))
 
 
+def test_registering_a_file_after_a_sample_with_a_lora_leaves_the_next_plain_generation_plain(forge, dataset):
+    """The tab registers each saved file after the run; the last sample may have merged a LoRA."""
+    before = unet_weights(forge)
+    with open_forge_host() as host:
+        path = train(config_for(dataset), host).final_path
+        host.generate(GenerationParams(prompt=f"zkz star <lora:{path.stem}:1>", steps=1, width=64, height=64, seed=1))
+    host.register_network(path)
+    forge.processing.process_images(forge.processing.StableDiffusionProcessingTxt2Img(prompt="zkz star", width=64, height=64))
+    assert forge.processing.records[-1]["loras"] == [] and same_weights(before, unet_weights(forge))
+
+
 def test_interrupt_from_forge_stops_the_run_and_saves(forge, dataset):
     with open_forge_host() as host:
         result = train(config_for(dataset, max_train_epochs=3), host, on_event=lambda e: e.kind == "step" and forge.shared.state.interrupt())

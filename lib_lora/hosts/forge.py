@@ -189,10 +189,19 @@ class ForgeHost(WebuiFamilyHost):
         cached_loader = getattr(sys.modules.get("networks"), "load_lora_state_dict", None)
         if cached_loader is not None:
             cached_loader.cache_clear()
-        self.sd_model.current_lora_hash = str([])
+        _forget_patched_loras(self.sd_model)
         for patcher in self.patchers:
             if Path(path).name in patcher.lora_loader.loaded_hash:
                 patcher.lora_loader.loaded_hash = "stale " + patcher.lora_loader.loaded_hash
+
+
+def _forget_patched_loras(sd_model) -> None:
+    """Make the Lora extension patch afresh at the next generation: no hash and no patched objects. The hash alone
+    must not go: a prompt without `<lora:...>` then matches it and reuses the last patched objects (seen in Forge:
+    after a sample with a LoRA, the next plain txt2img kept that LoRA)."""
+    sd_model.current_lora_hash = str([])
+    sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects_original.shallow_copy()
 
 
 def _block_norms(unet: nn.Module) -> list[nn.Module]:
