@@ -140,7 +140,7 @@ def inpainting(webui):
 
 
 @pytest.mark.parametrize(("setup", "words"), [
-    (forge, "Forge is not supported yet"), (sdxl_refiner, "SDXL refiner"), (sd3, "SD3"), (sdxl_inpainting, "inpainting"), (lowvram, "--lowvram"), (medvram_with_text_encoder, "only the UNet"),
+    (forge, "Forge host"), (sdxl_refiner, "SDXL refiner"), (sd3, "SD3"), (sdxl_inpainting, "inpainting"), (lowvram, "--lowvram"), (medvram_with_text_encoder, "only the UNet"),
     (no_model, "No Stable Diffusion checkpoint"), (tensorrt, "SD Unet"), (inpainting, "inpainting"),
 ])
 def test_unsupported_setups_are_refused_clearly_and_release_the_lock(webui, setup, words):
