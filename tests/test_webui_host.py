@@ -265,6 +265,18 @@ def test_interrupt_from_the_webui_stops_the_run_and_saves(webui, dataset):
     assert result.final_path.name == "w-step00000001.safetensors" and result.final_path.exists()
 
 
+def test_an_interrupted_run_resumes_to_its_end_under_the_webuis_torch_load(webui, dataset):
+    """The webui's torch.load (modules/safe.py) refuses what torch 2.x writes and returns None:
+    resuming in the webui failed with "TypeError: 'NoneType' object is not subscriptable"."""
+    config = config_for(dataset, max_train_epochs=2, output_name="again")
+    with open_webui_host(config) as host:
+        first = train(config, host, on_event=lambda e: e.kind == "step" and webui.shared.state.interrupt())
+    with open_webui_host(config) as host:
+        result = train(config, host, run_dir=first.run_dir, resume=True)
+    assert first.interrupted and first.steps == 1
+    assert not result.interrupted and result.steps == 4 and result.final_path.name == "again.safetensors"
+
+
 def test_the_tabs_job_lock_is_the_session_and_its_host_the_prepared_one(webui, dataset):
     """As lib_lora.ui's controller: `with settings.job_lock(): host = host_factory(); train(...)`."""
     binding = webui_host.WebuiTab()
