@@ -33,6 +33,7 @@ from ..models.pipeline import Embeddings, GenerationParams
 from ..models.schedule import NoiseSchedule
 from ..networks.fused_attention import expose_all
 from ..networks.targets import TextModel, text_models_for
+from ..train.cpu_memory import give_back_freed_memory
 from .base import Host
 
 SETTINGS_SECTION = ("train_lora", "Train LoRA")
@@ -466,6 +467,8 @@ def open_webui_host(config=None, *, hold_lock: bool = True, id_task: str | None 
         sd_model = shared.sd_model
         check_trainable(sd_model, train_text_encoder=train_text_encoder)
         host = WebuiHost(sd_model, lora_dir=output_dir(), runs_dir=runs_dir())
+        if host.device.type == "cpu":  # the trainer kept freed memory for its steps; the webui goes on
+            stack.callback(give_back_freed_memory)
         stack.callback(_finish, sd_model)
         clear_loaded_networks(sd_model)
         stack.enter_context(_unloaded_hypernetworks())
