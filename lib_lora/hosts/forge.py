@@ -47,6 +47,7 @@ from ..models.conditioning import Conditioning
 from ..models.pipeline import Embeddings
 from ..models.schedule import NoiseSchedule
 from ..networks.targets import text_models_for
+from ..train.cpu_memory import give_back_freed_memory
 from .webui import (NO_EMBEDDINGS, WebuiFamilyHost, WebuiHostError, WebuiTab, _frozen, _shared, _webui_job, activated,
                     output_dir, runs_dir)
 
@@ -300,6 +301,8 @@ def open_forge_host(*, hold_lock: bool = True, id_task: str | None = None) -> It
         sd_model = _loaded_model()
         check_forge_trainable(sd_model)
         host = ForgeHost(sd_model, lora_dir=output_dir(), runs_dir=runs_dir())
+        if host.device.type == "cpu":  # as in the A1111 webui: Forge goes on after the run (--always-cpu)
+            stack.callback(give_back_freed_memory)
         stack.callback(devices.torch_gc)
         host.load(*host.patchers)  # the last generation's LoRA is unmerged here
         stack.enter_context(_frozen(host.base_parameters(), host.unet))
