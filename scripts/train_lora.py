@@ -5,7 +5,7 @@ The webui executes this file with the extension root on sys.path only while it r
 """
 
 import lib_lora  # noqa: F401  (top level on purpose: see above)
-from lib_lora.hosts import webui
+from lib_lora.hosts import forge, webui
 from lib_lora.ui import TabSettings, build_tab, make_controller
 from modules import script_callbacks, shared
 
@@ -16,7 +16,7 @@ _controller = None  # the tab's and the HTTP API's, so both see one job and one 
 def controller():
     global _controller
     if _controller is None:
-        binding = webui.WebuiTab()
+        binding = forge.ForgeTab() if forge.running_in_forge() else webui.WebuiTab()  # Forge: a top-level tab too
         settings = TabSettings(
             presets_dir=webui.presets_dir(),
             defaults=webui.config_defaults(),

@@ -6,6 +6,7 @@ refusals are clear `WebuiHostError`s, Interrupt stops and saves, and a finished 
 Lora folder and is registered.
 """
 
+import os
 import sys
 
 import pytest
@@ -140,7 +141,7 @@ def inpainting(webui):
 
 
 @pytest.mark.parametrize(("setup", "words"), [
-    (forge, "Forge is not supported yet"), (sdxl_refiner, "SDXL refiner"), (sd3, "SD3"), (sdxl_inpainting, "inpainting"), (lowvram, "--lowvram"), (medvram_with_text_encoder, "only the UNet"),
+    (forge, "Forge host"), (sdxl_refiner, "SDXL refiner"), (sd3, "SD3"), (sdxl_inpainting, "inpainting"), (lowvram, "--lowvram"), (medvram_with_text_encoder, "only the UNet"),
     (no_model, "No Stable Diffusion checkpoint"), (tensorrt, "SD Unet"), (inpainting, "inpainting"),
 ])
 def test_unsupported_setups_are_refused_clearly_and_release_the_lock(webui, setup, words):
@@ -264,6 +265,18 @@ def test_interrupt_from_the_webui_stops_the_run_and_saves(webui, dataset):
     assert result.final_path.name == "w-step00000001.safetensors" and result.final_path.exists()
 
 
+def test_an_interrupted_run_resumes_to_its_end_under_the_webuis_torch_load(webui, dataset):
+    """The webui's torch.load (modules/safe.py) refuses what torch 2.x writes and returns None:
+    resuming in the webui failed with "TypeError: 'NoneType' object is not subscriptable"."""
+    config = config_for(dataset, max_train_epochs=2, output_name="again")
+    with open_webui_host(config) as host:
+        first = train(config, host, on_event=lambda e: e.kind == "step" and webui.shared.state.interrupt())
+    with open_webui_host(config) as host:
+        result = train(config, host, run_dir=first.run_dir, resume=True)
+    assert first.interrupted and first.steps == 1
+    assert not result.interrupted and result.steps == 4 and result.final_path.name == "again.safetensors"
+
+
 def test_the_tabs_job_lock_is_the_session_and_its_host_the_prepared_one(webui, dataset):
     """As lib_lora.ui's controller: `with settings.job_lock(): host = host_factory(); train(...)`."""
     binding = webui_host.WebuiTab()
@@ -284,6 +297,35 @@ def test_medvram_refuses_text_encoder_training_at_the_first_step_when_the_sessio
             train(config_for(dataset, output_name="te"), binding.host())
         result = train(config_for(dataset, output_name="unet", network_train_unet_only=True), binding.host())
     assert result.final_path.exists()
+
+
+def resident_mib() -> float:
+    pages = int(open("/proc/self/statm").read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (lib_lora/train/cpu_memory.py)")
+def test_the_webui_gets_back_the_memory_a_cpu_run_kept(webui, dataset):
+    """The trainer keeps freed blocks in the process for its steps; the webui goes on after the session,
+    so the blocks freed during the run go back to the system then, and big blocks freed later at once
+    (glibc's mmap threshold: a 256 MiB block is its own mapping again)."""
+    held, freed_at = [], []
+
+    def hold_then_free(event):  # 200 MiB of 1 MiB blocks, as a run's activations, freed at its last step
+        if event.kind == "step" and event.step == 1:
+            held.extend(torch.ones(2**18) for _ in range(200))
+        if event.kind == "step" and event.step == 2:
+            held.clear()
+            freed_at.append(resident_mib())
+
+    config = config_for(dataset)
+    with open_webui_host(config) as host:
+        train(config, host, on_event=hold_then_free)
+    assert freed_at[0] - resident_mib() > 150
+    block = torch.ones(2**26)  # 256 MiB, more than any free block left in the heap
+    before = resident_mib()
+    del block
+    assert before - resident_mib() > 250
 
 
 def test_captioners_are_the_webuis_interrogators(webui, monkeypatch):

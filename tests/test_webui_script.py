@@ -56,7 +56,7 @@ def test_script_registers_the_tab_settings_and_unload(webui, tab_builder):
     (on_ui_tabs,) = registered["ui_tabs"]
     assert on_ui_tabs() == [("<blocks>", "Train LoRA", "train_lora")]
     ((host_factory, settings),) = tab_builder
-    assert isinstance(host_factory.__self__, webui_host.WebuiTab) and settings.job_lock == host_factory.__self__.session
+    assert type(host_factory.__self__) is webui_host.WebuiTab and settings.job_lock == host_factory.__self__.session
     assert settings.lora_dir == webui.root / "models" / "Lora" and settings.presets_dir == webui.root / "train-lora" / "presets"
     assert settings.tool_lora_dirs == (webui.root / "models" / "Lora",)  # the Tools' pickers list the webui's folders
     assert settings.checkpoint_dirs == (webui.root / "models" / "Stable-diffusion",)

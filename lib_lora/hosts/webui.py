@@ -3,8 +3,9 @@
     with open_webui_host(config) as host:      # holds call_queue.queue_lock for the whole run
         train(config, host, on_event=on_event)  # train() also reports each event to host.report
 
-SD1, SD2 (ldm `LatentDiffusion`) and SDXL (sgm `DiffusionEngine`) train in place. `open_webui_host`
-refuses what cannot work (Forge, SD3, the SDXL refiner, inpainting/edit models, fp8, --lowvram,
+SD1, SD2 (ldm `LatentDiffusion`) and SDXL (sgm `DiffusionEngine`) train in place (Forge's model: forge.py,
+which shares `WebuiFamilyHost` and the session helpers here). `open_webui_host`
+refuses what cannot work (SD3, the SDXL refiner, inpainting/edit models, fp8, --lowvram,
 text-encoder training under --medvram, a TensorRT-style SD UNet) with a
 `WebuiHostError` the tab can show, then puts the model in a trainable, clean state and gives every
 change back on exit: the built-in Lora extension's merged weights are restored and its
@@ -20,7 +21,7 @@ References are to webui-integration.md (facts 1-10, §2.x).
 
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..models.pipeline import Embeddings, GenerationParams
 from ..models.schedule import NoiseSchedule
 from ..networks.fused_attention import expose_all
 from ..networks.targets import TextModel, text_models_for
+from ..train.cpu_memory import give_back_freed_memory
 from .base import Host
 
 SETTINGS_SECTION = ("train_lora", "Train LoRA")
@@ -43,7 +45,7 @@ _SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM"}  # lib_lora
 _CHECKPOINT_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})  # what sd_hijack_checkpoint wraps
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
-_active: "WebuiHost | None" = None  # the host of the running session, for on_script_unloaded
+_active: "WebuiFamilyHost | None" = None  # the host of the running session, for on_script_unloaded
 
 
 NO_EMBEDDINGS = ("Pivotal tuning (trainable trigger-word embeddings) is not available inside the webui yet; train "
@@ -75,7 +77,8 @@ def check_trainable(sd_model, *, train_text_encoder: bool = True) -> None:
     if sd_model is None:
         raise WebuiHostError("No Stable Diffusion checkpoint is loaded. Select one at the top of the page, wait for it to load, then train.")
     if hasattr(sd_model, "forge_objects"):
-        raise WebuiHostError("Stable Diffusion WebUI Forge is not supported yet: Train LoRA needs AUTOMATIC1111's webui (v1.10). Use `python -m lib_lora train` meanwhile.")
+        raise WebuiHostError("This is a Stable Diffusion WebUI Forge model: it trains through the Forge host (lib_lora.hosts.forge), "
+                             "which the extension picks in Forge. Restart the webui if Forge's files were added to an A1111 install.")
     kind = _model_kind(sd_model)
     if kind == "SD3":
         raise WebuiHostError("The loaded checkpoint is SD3; Train LoRA trains SD1.x, SD2.x and SDXL models. Load one of those to train.")
@@ -119,24 +122,18 @@ def _check_weights(sd_model) -> None:
 # ---- the host ----------------------------------------------------------------------------------
 
 
-class WebuiHost(Host):
-    """`shared.sd_model` as a Host. Build it through `open_webui_host`, which prepares and restores the model."""
+class WebuiFamilyHost(Host):
+    """What A1111 and Forge share: samples through `processing`, progress in `shared.state`, Interrupt,
+    block checkpointing by class name (both UNets keep ldm's ResBlock/BasicTransformerBlock) and the Lora rescan.
+
+    Subclasses set the model attributes and say in `_after_sampling` how a sample's `<lora:...>` is undone.
+    """
 
     trains_embeddings = False  # its prompts go through the webui's own tokenizer and embedding database
 
     def __init__(self, sd_model, *, lora_dir: Path, runs_dir: Path):
         super().__init__()
-        from modules import devices
-
         self.sd_model = sd_model
-        self.arch = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}[_model_kind(sd_model)]
-        self.unet = sd_model.model.diffusion_model
-        self.text_encoders = _text_models(sd_model, self.arch)
-        alphas = getattr(sd_model, "alphas_cumprod_original", None)  # fp32 copy; alphas_cumprod may be downcast (§2.6)
-        alphas = sd_model.alphas_cumprod if alphas is None else alphas
-        self.schedule = NoiseSchedule(alphas.detach().float().cpu(), getattr(sd_model, "parameterization", "eps"))
-        self.device = torch.device(devices.device)
-        self.dtype = next(self.unet.parameters()).dtype
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.model_name = getattr(info, "model_name", None) or "unknown"
         filename = getattr(info, "filename", None)
@@ -144,56 +141,6 @@ class WebuiHost(Host):
         self.lora_dir, self.runs_dir = Path(lora_dir), Path(runs_dir)
         self._checkpointed: list[nn.Module] = []
         self._progress = (0, 0, "")  # job_count, job_no, textinfo of the training, restored after previews
-
-    # -- model access (Host interface)
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The webui's VAE path (§2.5) with the posterior mean, not a sample, as the Host contract says.
-
-        sgm's (SDXL) encode_first_stage samples and scales in one call, so for SDXL the mean is taken
-        from the VAE's encoder and quant_conv directly and scaled by the model's scale_factor (0.13025).
-        """
-        from modules import devices
-
-        m = self.sd_model
-        pixels = pixels.to(devices.device, devices.dtype_vae)
-        if self.arch == "sdxl":
-            with torch.no_grad():
-                vae = m.first_stage_model
-                mean = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)[0]
-                latents = (m.scale_factor * mean).float()
-            if not torch.isfinite(latents).all():
-                raise WebuiHostError("The SDXL VAE gave NaN latents in half precision. Restart the webui with --no-half-vae "
-                                     "(or select the fp16-fix SDXL VAE in Settings > VAE), then train.")
-            return latents
-        posterior = m.encode_first_stage(pixels)
-        mean = posterior.mode() if hasattr(posterior, "mode") else posterior
-        return m.get_first_stage_encoding(mean).float()  # a tensor in: scale_factor * mean
-
-    def encode_text(self, captions: list[str], clip_skip: int, embeddings: Embeddings | None = None) -> Conditioning:
-        """The webui's own conditioning (chunking, emphasis, TI embeddings) with `clip_skip` applied.
-
-        SD1/SD2: `cond_stage_model` is the `*WithCustomWords` embedder; nothing on its forward path
-        runs under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the
-        global `opts.CLIP_stop_at_last_layers`, set for this call only (SD2 ignores it, as the webui).
-        SDXL: the conditioner's two text embedders are called directly (not through the conditioner,
-        which would wrap them in no_grad unless `is_trainable`, fact 7): CLIP-L's states and bigG's
-        states joined, and bigG's pooled vector; the trainer adds each sample's size embeddings.
-        """
-        if embeddings:
-            raise WebuiHostError(NO_EMBEDDINGS)
-        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and any(_has_hooks(t.module) for t in self.text_encoders):
-            raise WebuiHostError(MEDVRAM_TEXT_ENCODER)  # the session could not know the config; the adapters tell
-        if self.arch == "sdxl":
-            clip_l, big_g = self.sd_model.conditioner.embedders[:2]
-            context_g, pooled = big_g(list(captions))
-            return Conditioning(torch.cat([clip_l(list(captions)), context_g], dim=-1), pooled)
-        opts = _shared().opts
-        saved = opts.data.get("CLIP_stop_at_last_layers", 1)
-        opts.data["CLIP_stop_at_last_layers"] = clip_skip
-        try:
-            return Conditioning(self.sd_model.cond_stage_model(list(captions)))
-        finally:
-            opts.data["CLIP_stop_at_last_layers"] = saved
 
     def generate(self, params: GenerationParams, embeddings: Embeddings | None = None):
         """Samples through `processing.process_images`, with the training adapters live (their hooks fire)."""
@@ -211,12 +158,16 @@ class WebuiHost(Host):
             with closing(p):
                 processed = processing.process_images(p)
         finally:
-            clear_loaded_networks(self.sd_model)  # a <lora:...> in a sample prompt merged weights (§2.10)
+            self._after_sampling()  # a <lora:...> in a sample prompt merged weights (§2.10)
             self._show_progress()
         images = list(processed.images[processed.index_of_first_image:])
         if images:
             _shared().state.assign_current_image(images[0])
         return images
+
+    def _after_sampling(self) -> None:
+        """Undo what a sample's `<lora:name:w>` did to the model."""
+        raise NotImplementedError
 
     def _sample_settings(self, params: GenerationParams) -> dict:
         settings = {"CLIP_stop_at_last_layers": params.clip_skip}
@@ -277,6 +228,76 @@ class WebuiHost(Host):
         networks = _lora_extension()
         if networks is not None:
             networks.list_available_networks()
+
+
+class WebuiHost(WebuiFamilyHost):
+    """`shared.sd_model` as a Host. Build it through `open_webui_host`, which prepares and restores the model."""
+
+    def __init__(self, sd_model, *, lora_dir: Path, runs_dir: Path):
+        super().__init__(sd_model, lora_dir=lora_dir, runs_dir=runs_dir)
+        from modules import devices
+
+        self.arch = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}[_model_kind(sd_model)]
+        self.unet = sd_model.model.diffusion_model
+        self.text_encoders = _text_models(sd_model, self.arch)
+        alphas = getattr(sd_model, "alphas_cumprod_original", None)  # fp32 copy; alphas_cumprod may be downcast (§2.6)
+        alphas = sd_model.alphas_cumprod if alphas is None else alphas
+        self.schedule = NoiseSchedule(alphas.detach().float().cpu(), getattr(sd_model, "parameterization", "eps"))
+        self.device = torch.device(devices.device)
+        self.dtype = next(self.unet.parameters()).dtype
+
+    # -- model access (Host interface)
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The webui's VAE path (§2.5) with the posterior mean, not a sample, as the Host contract says.
+
+        sgm's (SDXL) encode_first_stage samples and scales in one call, so for SDXL the mean is taken
+        from the VAE's encoder and quant_conv directly and scaled by the model's scale_factor (0.13025).
+        """
+        from modules import devices
+
+        m = self.sd_model
+        pixels = pixels.to(devices.device, devices.dtype_vae)
+        if self.arch == "sdxl":
+            with torch.no_grad():
+                vae = m.first_stage_model
+                mean = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)[0]
+                latents = (m.scale_factor * mean).float()
+            if not torch.isfinite(latents).all():
+                raise WebuiHostError("The SDXL VAE gave NaN latents in half precision. Restart the webui with --no-half-vae "
+                                     "(or select the fp16-fix SDXL VAE in Settings > VAE), then train.")
+            return latents
+        posterior = m.encode_first_stage(pixels)
+        mean = posterior.mode() if hasattr(posterior, "mode") else posterior
+        return m.get_first_stage_encoding(mean).float()  # a tensor in: scale_factor * mean
+
+    def encode_text(self, captions: list[str], clip_skip: int, embeddings: Embeddings | None = None) -> Conditioning:
+        """The webui's own conditioning (chunking, emphasis, TI embeddings) with `clip_skip` applied.
+
+        SD1/SD2: `cond_stage_model` is the `*WithCustomWords` embedder; nothing on its forward path
+        runs under no_grad, so text-encoder adapters get gradients (§2.4). Its clip skip is the
+        global `opts.CLIP_stop_at_last_layers`, set for this call only (SD2 ignores it, as the webui).
+        SDXL: the conditioner's two text embedders are called directly (not through the conditioner,
+        which would wrap them in no_grad unless `is_trainable`, fact 7): CLIP-L's states and bigG's
+        states joined, and bigG's pooled vector; the trainer adds each sample's size embeddings.
+        """
+        if embeddings:
+            raise WebuiHostError(NO_EMBEDDINGS)
+        if getattr(self.sd_model, "lowvram", False) and torch.is_grad_enabled() and any(_has_hooks(t.module) for t in self.text_encoders):
+            raise WebuiHostError(MEDVRAM_TEXT_ENCODER)  # the session could not know the config; the adapters tell
+        if self.arch == "sdxl":
+            clip_l, big_g = self.sd_model.conditioner.embedders[:2]
+            context_g, pooled = big_g(list(captions))
+            return Conditioning(torch.cat([clip_l(list(captions)), context_g], dim=-1), pooled)
+        opts = _shared().opts
+        saved = opts.data.get("CLIP_stop_at_last_layers", 1)
+        opts.data["CLIP_stop_at_last_layers"] = clip_skip
+        try:
+            return Conditioning(self.sd_model.cond_stage_model(list(captions)))
+        finally:
+            opts.data["CLIP_stop_at_last_layers"] = saved
+
+    def _after_sampling(self) -> None:
+        clear_loaded_networks(self.sd_model)
 
 
 def _text_models(sd_model, arch: str) -> list[TextModel]:
@@ -370,9 +391,9 @@ def _attention_functions() -> list[tuple[object, str, object]]:
 
 
 @contextmanager
-def _frozen(sd_model, unet: nn.Module) -> Iterator[None]:
+def _frozen(parameters: Iterable[nn.Parameter], unet: nn.Module) -> Iterator[None]:
     """requires_grad off on every base weight and ldm's reentrant checkpoint flags off; both restored."""
-    grads = [(p, p.requires_grad) for p in sd_model.parameters()]
+    grads = [(p, p.requires_grad) for p in parameters]
     flags = [(m, name) for m in unet.modules() for name in ("checkpoint", "use_checkpoint") if getattr(m, name, None) is True]
     had_attribute = "gradient_checkpointing" in vars(unet)
     for p, _ in grads:
@@ -385,7 +406,8 @@ def _frozen(sd_model, unet: nn.Module) -> Iterator[None]:
         for m, name in flags:
             setattr(m, name, True)
         for p, flag in grads:
-            p.requires_grad_(flag)
+            with torch.inference_mode(p.is_inference()):  # Forge's weights (inference tensors) take requires_grad only there
+                p.requires_grad_(flag)
         if not had_attribute:
             vars(unet).pop("gradient_checkpointing", None)  # older trainers set it on the UNet itself
 
@@ -436,7 +458,6 @@ def open_webui_host(config=None, *, hold_lock: bool = True, id_task: str | None 
     hold_lock=False when the caller already holds `queue_lock` (e.g. inside wrap_gradio_gpu_call,
     which is not reentrant: taking it twice would deadlock); then it also owns shared.state.begin/end.
     """
-    global _active
     train_text_encoder = False if config is None else config.train_text_encoder
     with ExitStack() as stack:
         if hold_lock:
@@ -446,18 +467,18 @@ def open_webui_host(config=None, *, hold_lock: bool = True, id_task: str | None 
         sd_model = shared.sd_model
         check_trainable(sd_model, train_text_encoder=train_text_encoder)
         host = WebuiHost(sd_model, lora_dir=output_dir(), runs_dir=runs_dir())
+        if host.device.type == "cpu":  # the trainer kept freed memory for its steps; the webui goes on
+            stack.callback(give_back_freed_memory)
         stack.callback(_finish, sd_model)
         clear_loaded_networks(sd_model)
         stack.enter_context(_unloaded_hypernetworks())
         stack.enter_context(_training_attention())
-        stack.enter_context(_frozen(sd_model, host.unet))
+        stack.enter_context(_frozen(sd_model.parameters(), host.unet))
         stack.enter_context(_medvram_unet(sd_model))
         for model in host.text_encoders:
             stack.callback(expose_all(model.module))  # OpenCLIP's MultiheadAttention: hookable q/k/v/out
         stack.callback(host._remove_checkpointing)
-        _active = host
-        stack.callback(_forget_active)
-        yield host
+        yield stack.enter_context(activated(host))
 
 
 def _finish(sd_model) -> None:
@@ -467,9 +488,15 @@ def _finish(sd_model) -> None:
     devices.torch_gc()
 
 
-def _forget_active() -> None:
+@contextmanager
+def activated(host: WebuiFamilyHost) -> Iterator[WebuiFamilyHost]:
+    """The session's host, for the tab's `host()` and for `interrupt_active` (on_script_unloaded)."""
     global _active
-    _active = None
+    _active = host
+    try:
+        yield host
+    finally:
+        _active = None
 
 
 class WebuiTab:
@@ -484,9 +511,10 @@ class WebuiTab:
     def session(self):
         return open_webui_host()
 
-    def host(self) -> WebuiHost:
-        if _active is not None:
-            return _active
+    def host(self) -> WebuiFamilyHost:
+        return _active if _active is not None else self.unprepared_host()
+
+    def unprepared_host(self) -> WebuiFamilyHost:
         sd_model = _shared().sd_model
         check_trainable(sd_model, train_text_encoder=False)
         return WebuiHost(sd_model, lora_dir=output_dir(), runs_dir=runs_dir())

@@ -29,13 +29,23 @@ def read_tensor_file(path: Path, error: type[ValueError], what: str) -> tuple[di
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise error(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        data = load_weights_only(path)
     except Exception as e:  # torch raises many types for bad pickles; all mean the same to the user
         raise error(f"{path}: not a readable torch file (or it holds more than tensors): {e}") from e
     data = data.get("state_dict", data) if isinstance(data, dict) else data
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise error(f"{path}: holds no flat dict of tensors")
     return data, {}
+
+
+def load_weights_only(path: Path):
+    """A torch file through torch's weights-only reader, which never runs code.
+
+    Called as `torch.serialization.load`: the webui replaces `torch.load` with its own checker
+    (modules/safe.py), which refuses the `.format_version` entry torch 2.x writes into every file,
+    prints the refusal and returns None.
+    """
+    return torch.serialization.load(str(path), map_location="cpu", weights_only=True)
 
 
 # safetensors dtype names -> torch dtypes (the format's own spelling)

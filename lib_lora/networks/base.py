@@ -27,13 +27,22 @@ from .functional import apply_weight, dora_norm, dora_weight, flat_shape, lora_s
 def layer_kind(layer: nn.Module) -> str | None:
     """'linear', 'conv1x1' or 'conv' (any other kernel) for the layers adapters can target; else None.
 
-    An OpenCLIP q/k/v projection (a `FusedSlice` of the fused in_proj) is a Linear to adapters.
+    An OpenCLIP q/k/v projection (a `FusedSlice` of the fused in_proj) is a Linear to adapters, and so
+    is a host's own Linear class (Forge's `ForgeOperations.Linear` is no `nn.Linear` subclass).
     """
-    if isinstance(layer, (nn.Linear, FusedSlice)):
+    if isinstance(layer, (nn.Linear, FusedSlice)) or _foreign_linear(layer):
         return "linear"
     if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros":
         return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
     return None
+
+
+def _foreign_linear(layer: nn.Module) -> bool:
+    """A class named Linear whose weight is a plain [out_features, in_features] tensor (the shape rules out
+    packed 4-bit storage, which adapters cannot read), as Forge builds with `using_forge_operations`."""
+    weight = getattr(layer, "weight", None)
+    return (type(layer).__name__ == "Linear" and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            and tuple(weight.shape) == (getattr(layer, "out_features", None), getattr(layer, "in_features", None)))
 
 
 def sole_frozen_host(layer: nn.Module, output: torch.Tensor) -> bool:

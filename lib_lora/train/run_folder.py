@@ -19,6 +19,7 @@ import torch
 from ..atomic import write_atomically, write_bytes_atomically
 from ..locking import folder_lock
 from ..models.checkpoint import ARCH_NAMES
+from ..models.tensor_files import load_weights_only
 from .config import ConfigError, TrainConfig
 
 STATE_FILE, CONFIG_FILE, LOSS_FILE, BASE_FILE, LOCK_FILE = "state.pt", "config.toml", "loss.csv", "base_model.json", "run.lock"
@@ -122,7 +123,7 @@ class RunFolder:
         return (self.path / STATE_FILE).exists()
 
     def load_state(self, network, optimizer, data_rng: random.Random, noise_rng: torch.Generator) -> Progress:
-        state = torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file, tuples in rng state
+        state = load_weights_only(self.path / STATE_FILE)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         data_rng.setstate(state["data_rng"])

@@ -15,6 +15,8 @@ import importlib
 import sys
 from types import SimpleNamespace
 
+import torch
+
 _NAMES = ("modules", "launch", "networks")
 
 
@@ -33,6 +35,8 @@ def install(tmp_path: Path, monkeypatch, *, sd_model=True, lora_extension=True, 
     paths = importlib.import_module("modules.paths")
     for name in ("call_queue", "devices", "sd_hijack", "sd_unet", "processing", "progress", "script_callbacks"):
         importlib.import_module(f"modules.{name}")
+    safe = importlib.import_module("modules.safe")
+    monkeypatch.setattr(torch, "load", safe.load)  # as the webui does at startup
     paths.data_path, paths.models_path = str(tmp_path), str(tmp_path / "models")
     shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
     if sd_model:
