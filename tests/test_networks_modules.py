@@ -74,6 +74,24 @@ def test_fused_training_step_matches_plain_sum(kind):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_a_hooked_output_can_be_changed_in_place(kind):
+    """Host blocks change a layer's output in place through a view (Forge's `x += attn(x)`); gradients stay right."""
+    layer = make_layer(kind)
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=2.0)
+    torch.nn.init.normal_(module.lora_up.weight)
+    x = input_for(layer).requires_grad_(True)
+    tensors = (x, module.lora_down.weight, module.lora_up.weight)
+    expected = _output_and_grads((layer(x) + module.forward_delta(x, layer)) * 2, tensors)
+    module.apply_to()
+    out = layer(x)
+    out.transpose(0, 1).mul_(2)
+    got = _output_and_grads(out, tensors)
+    module.remove()
+    for g, e in zip([got[0], *got[1]], [expected[0], *expected[1]]):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
 @pytest.mark.parametrize("host", ["trainable weight", "another hook first"])
 def test_gradients_through_the_host_are_kept_where_the_adapter_cannot_compute_them(kind, host):
     """On a frozen host the adapter's backward computes x's gradient through the host weight itself; a host

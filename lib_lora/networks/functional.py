@@ -238,7 +238,7 @@ class _LowRankAddLinear(torch.autograd.Function):
         h = torch.mm(x2, down.t())  # [N, r]
         ctx.save_for_backward(x2, h, down, up, host_weight)
         ctx.scale, ctx.x_shape = scale, x.shape
-        return torch.addmm(output.reshape(-1, up.shape[0]), h, up.t(), alpha=scale).view(output.shape)
+        return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up.t(), alpha=scale), output.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -267,7 +267,7 @@ class _LowRankAddConv1x1(torch.autograd.Function):
         ctx.save_for_backward(x3, h, down2, up2, host_weight)
         ctx.scale, ctx.x_shape, ctx.down_shape, ctx.up_shape = scale, x.shape, down.shape, up.shape
         out3 = output.reshape(batch, up2.shape[0], -1)
-        return torch.baddbmm(out3, up2.expand(batch, -1, -1), h, alpha=scale).view(output.shape)
+        return _fresh_view(torch.baddbmm(out3, up2.expand(batch, -1, -1), h, alpha=scale), output.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -284,6 +284,15 @@ class _LowRankAddConv1x1(torch.autograd.Function):
         grad_down = torch.bmm(grad_h, x3.transpose(1, 2)).sum(0).view(ctx.down_shape) if ctx.needs_input_grad[2] else None
         grad_up = _scaled(torch.bmm(g, h.transpose(1, 2)).sum(0), ctx.scale).view(ctx.up_shape) if ctx.needs_input_grad[3] else None
         return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None
+
+
+def _fresh_view(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`t` in `shape` as a tensor autograd does not track as a view (ATen's `_unsafe_view`, as `matmul` returns).
+
+    A custom Function's output that is a view may not be modified in place, and host blocks do that to
+    a layer's output (Forge's and ComfyUI's `x += attn(x)`); nothing else holds the product `t`.
+    """
+    return torch.ops.aten._unsafe_view(t, shape)
 
 
 def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
