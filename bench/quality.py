@@ -1,7 +1,7 @@
 """Training quality of the demo LoRA on the embedded base model, by the strict analyzer.
 
-    python bench/quality.py [--concept purple|star] [--train-seeds 1] [--concept-seeds 32] [--seeds 4] [--set KEY=VALUE ...]
-                            [--pivotal [--init-word WORD] [--embedding-lr LR] [--vectors N]]
+    python bench/quality.py [--concept purple|star] [--variant NAME|held-out|all] [--train-seeds 1] [--concept-seeds 32]
+                            [--seeds 4] [--set KEY=VALUE ...] [--pivotal [--init-word WORD] [--embedding-lr LR] [--vectors N]]
 
 Trains the demo LoRA (12 images of a concept the base never saw, trigger "zkz") with the demo
 preset (`lib_lora.train.presets.DEMO`, overridable with --set). First it prints how well the base
@@ -15,6 +15,10 @@ its squares stay near the base's own. Then, for each training seed:
 Targets: fidelity >= 0.9 and preservation >= 0.9 in <= 600 steps on CPU. One training run is one
 draw: between training seeds fidelity moves by up to +-0.03 (+-0.1 at batch 8), so compare settings with
 `--train-seeds 3`, which trains seed, seed+1, seed+2 and prints the mean and the minimum too.
+`--variant` trains on a dataset other than the demo's (`VARIANTS`): the preset was tuned on the demo's own
+dataset only, so the held-out variants (other backgrounds, the concept shown with fewer shapes, no
+regularization folder as a new user has none) say whether it holds on data it was not tuned on; `held-out`
+runs them all and `all` the demo's too, each reported on its own line and summarised per group.
 `--pivotal` adds pivotal tuning: the trigger "zkz" gets an embedding of its own, learnt with the LoRA and
 bundled in its file, which the measurement's `<lora:NAME:1>` brings into the prompts (as in the webui).
 """
@@ -24,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +38,32 @@ from lib_lora.demo.world import SEEN_COLOURS, SEEN_SHAPES  # noqa: E402
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT  # noqa: E402
 from lib_lora.models.checkpoint import load_checkpoint  # noqa: E402
 from lib_lora.train.config import TrainConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A demo dataset: `dataset` options of make_lora_dataset, with or without the regularization folder."""
+
+    dataset: dict = field(default_factory=dict)
+    regularization: bool = True
+    tuned: bool = False  # the preset was tuned on it; the others are held out of the tuning
+
+
+VARIANTS = {
+    "demo": Variant(tuned=True),
+    "no-reg": Variant(regularization=False),
+    "light": Variant(dataset={"light_share": 1.0}, regularization=False),
+    "mixed-light": Variant(dataset={"light_share": 0.5}),
+    "two-shapes": Variant(dataset={"shown": ("circle", "triangle")}, regularization=False),
+}
+
+
+def chosen_variants(name: str) -> list[str]:
+    if name == "all":
+        return list(VARIANTS)
+    if name == "held-out":
+        return [key for key, variant in VARIANTS.items() if not variant.tuned]
+    return [name]
 
 
 def base_prompts() -> list[tuple[str, str, str]]:
@@ -62,11 +93,13 @@ def pivotal_options(args) -> dict:
     return options | ({"embedding_lr": args.embedding_lr} if args.embedding_lr is not None else {})
 
 
-def train_and_measure(args, ckpt, changes: dict, concept_seeds, base_seeds):
+def train_and_measure(args, ckpt, variant: Variant, changes: dict, concept_seeds, base_seeds):
     """Train one demo LoRA with `changes`; (fidelity with the trigger, base prompts with the LoRA, steps, seconds)."""
     with tempfile.TemporaryDirectory() as out:
         start, steps = time.perf_counter(), []
-        result = run_demo(Path(out), concept=args.concept, checkpoint=args.checkpoint, config_changes=changes, on_event=lambda e: e.kind == "step" and steps.append(e.step), say=lambda *_: None)
+        result = run_demo(Path(out), concept=args.concept, checkpoint=args.checkpoint, config_changes=changes,
+                          on_event=lambda e: e.kind == "step" and steps.append(e.step), say=lambda *_: None,
+                          dataset_options=variant.dataset, regularization=variant.regularization)
         seconds = time.perf_counter() - start
         name, folder = result.lora_path.stem, [result.lora_path.parent]
         after = measure(ckpt, concept_prompts(args.concept), concept_seeds, lora=name, lora_dirs=folder)
@@ -78,6 +111,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", choices=("purple", "star"), default="purple")
     parser.add_argument("--checkpoint", type=Path, help="base model (default: the embedded one)")
+    parser.add_argument("--variant", choices=(*VARIANTS, "held-out", "all"), default="demo", help="the dataset to train on (see VARIANTS)")
     parser.add_argument("--concept-seeds", type=int, default=32, help="seeds per concept prompt for fidelity")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per base prompt for prior preservation")
     parser.add_argument("--train-seeds", type=int, default=1, help="LoRAs trained with seeds seed, seed+1, ...: one run is one draw")
@@ -93,19 +127,22 @@ def main():
     before, base = measure(ckpt, concept_prompts(args.concept), concept_seeds), measure(ckpt, base_prompts(), base_seeds)
     print(f"preset overrides: {changes or 'none'}; base model: concept fidelity {before.concept:.2f}, base prompts {base.concept:.2f} ({len(base.images)} images)")
     print("  base prompts by shape (how well the base itself draws each shape): " + ", ".join(f"{shape} {share:.2f}" for shape, share in by_shape(base).items()))
-    first_seed, fidelities, ratios = changes.get("seed", TrainConfig().seed), [], []
-    for seed in range(first_seed, first_seed + args.train_seeds):
-        after, with_lora, steps, seconds = train_and_measure(args, ckpt, {**changes, "seed": seed}, concept_seeds, base_seeds)
-        ratio = with_lora.concept / base.concept if base.concept else float("nan")
-        fidelities.append(after.concept)
-        ratios.append(ratio)
-        print(f"training seed {seed}: {steps} steps, training and the demo's grid {seconds:.0f} s")
-        print(f"  concept fidelity with trigger: {after.concept:.2f} ({len(after.images)} images; right colour {after.colour:.2f})")
-        print("  by prompt: " + ", ".join(f"{prompt!r} {share:.2f}" for prompt, share in after.per_prompt.items()))
-        print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x")
-    if len(fidelities) > 1:
-        print(f"mean over {len(fidelities)} training seeds: fidelity {statistics.mean(fidelities):.2f} (min {min(fidelities):.2f}), preservation {statistics.mean(ratios):.2f}x (min {min(ratios):.2f}x)")
-
+    first_seed, summaries = changes.get("seed", TrainConfig().seed), []
+    for name in chosen_variants(args.variant):
+        fidelities, ratios = [], []
+        for seed in range(first_seed, first_seed + args.train_seeds):
+            after, with_lora, steps, seconds = train_and_measure(args, ckpt, VARIANTS[name], {**changes, "seed": seed}, concept_seeds, base_seeds)
+            ratio = with_lora.concept / base.concept if base.concept else float("nan")
+            fidelities.append(after.concept)
+            ratios.append(ratio)
+            print(f"variant {name}, training seed {seed}: {steps} steps, training and the demo's grid {seconds:.0f} s")
+            print(f"  concept fidelity with trigger: {after.concept:.2f} ({len(after.images)} images; right colour {after.colour:.2f})")
+            print("  by prompt: " + ", ".join(f"{prompt!r} {share:.2f}" for prompt, share in after.per_prompt.items()))
+            print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x", flush=True)
+        group = "tuned on" if VARIANTS[name].tuned else "held out"
+        summaries.append(f"{name:<12} ({group}) over {len(fidelities)} training seeds: fidelity mean {statistics.mean(fidelities):.2f} "
+                         f"(min {min(fidelities):.2f}), preservation mean {statistics.mean(ratios):.2f}x (min {min(ratios):.2f}x)")
+    print("\n".join(["summary:", *summaries]))
 
 if __name__ == "__main__":
     main()

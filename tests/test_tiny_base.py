@@ -1,5 +1,7 @@
 """The shipped tiny base: it loads like any SD1 file, draws what it was trained on, and its builder still runs."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from safetensors.torch import load_file
 
 from lib_lora.demo import build_base
 from lib_lora.demo.analyzer import analyze
-from lib_lora.demo.build_base import BuildConfig, BuildError, DiffusionPhase, DiffusionSettings, build, caption_tokens, pool_scenes
+from lib_lora.demo.build_base import (BuildConfig, BuildError, DiffusionPhase, DiffusionSettings, build, caption_tokens, file_sha256,
+                                      pool_scenes)
 from lib_lora.demo.build_vae import VAEPhase, VAESettings, codec_scenes
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE, TINY_TEXT, TINY_UNET, TINY_VAE
 from lib_lora.demo.world import HELD_OUT_COLOURS, HELD_OUT_SHAPES
@@ -16,6 +19,8 @@ from lib_lora.models.pipeline import GenerationParams, generate
 from lib_lora.models.tokenizer import get_tokenizer
 
 SMALL = BuildConfig(
+    photos=False,  # the photos need requirements-build.txt, which the tests do not install
+    light_share=0.5,
     pool_size=12,
     check_images=4,
     vae=VAESettings(phases=(VAEPhase(steps=2, batch_size=2, crop=32, lr=1e-3), VAEPhase(steps=1, batch_size=1, crop=64, lr=1e-4))),
@@ -84,3 +89,18 @@ def test_work_folder_is_never_mixed_up(tmp_path):
     build_base.prepare_work(work, SMALL, resume=False)
     with pytest.raises(BuildError, match="another config"):
         build(BuildConfig(seed=1), work, tmp_path / "out.safetensors", resume=True)
+
+
+def test_a_build_continues_from_an_earlier_model_with_its_latent_scale_and_checks_its_hash(tmp_path):
+    """As the shipped model was built: the VAE and denoiser start from an earlier file, the VAE anchored to it."""
+    earlier = tmp_path / "earlier.safetensors"
+    build(SMALL, tmp_path / "first", earlier)
+    anchored = replace(SMALL, init_from=file_sha256(earlier), vae=replace(SMALL.vae, anchor_weight=1.0))
+    with pytest.raises(BuildError, match="--init-from"):
+        build(anchored, tmp_path / "no-file", tmp_path / "next.safetensors")
+    with pytest.raises(BuildError, match="sha256"):
+        build(replace(anchored, init_from="0" * 64), tmp_path / "wrong-file", tmp_path / "next.safetensors", init_from=earlier)
+    build(anchored, tmp_path / "second", tmp_path / "next.safetensors", init_from=earlier)
+    first, second = load_checkpoint(earlier), load_checkpoint(tmp_path / "next.safetensors")
+    assert second.vae.scale_factor == first.vae.scale_factor
+    assert not torch.equal(first.unet.out[-1].weight, second.unet.out[-1].weight)  # fine-tuned, not copied

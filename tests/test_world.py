@@ -224,3 +224,25 @@ def test_concepts():
     star, purple = concept_spec("star"), concept_spec("purple")
     assert star.shapes == ("star",) and "purple" not in star.colours and star.part == "shape"
     assert purple.colours == ("purple",) and "star" not in purple.shapes and purple.part == "colour"
+
+
+def test_light_backgrounds_are_light_leave_earlier_scenes_alone_and_are_read():
+    plain = [world.sample_scene(np.random.default_rng(seed)) for seed in range(20)]
+    assert plain == [world.sample_scene(np.random.default_rng(seed), light_share=0.0) for seed in range(20)]
+    rng = np.random.default_rng(3)
+    scenes = [world.sample_scene(rng, world.SHAPES, ALL_COLOURS, light_share=1.0) for _ in range(60)]
+    light = [s for s in scenes if min(s.background.rgb) >= world.LIGHT_LEVELS[0] - world.LIGHT_TINT]
+    assert len(light) > 40
+    # an object that would not stand out (white on the lightest) keeps a dark background
+    assert all(np.linalg.norm(np.subtract(s.rgb, s.background.rgb)) >= world.MIN_RANDOM_CONTRAST for s in light)
+    readings = [analyze(world.render(s)) for s in light]
+    assert all((r.colour, r.shape) == (s.colour_name, s.shape) for r, s in zip(readings, light))
+
+
+def test_dataset_variants_light_backgrounds_and_fewer_shapes(tmp_path):
+    root = make_lora_dataset(tmp_path / "v", concept="purple", n_images=6, light_share=1.0, shown=("circle", "triangle"))
+    _, pairs = _read_dataset(root)
+    assert [analyze(image).shape for image, _ in pairs] == ["circle", "triangle"] * 3
+    assert all(_pixels(image)[:3].mean() > 150 for image, _ in pairs)  # light top border
+    with pytest.raises(ValueError, match="hexagon"):
+        make_lora_dataset(tmp_path / "w", concept="purple", shown=("hexagon",))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import time
@@ -33,14 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..models.checkpoint import Checkpoint, save_checkpoint
+from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..models.clip_text import TextEncoder
 from ..models.schedule import sd_alphas_cumprod
 from ..models.tokenizer import tokenize_batch
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
 from ..train.noise import add_noise, min_snr_weight, offset_noise, pyramid_noise
-from .build_vae import VAESettings, check_images, codec_report, latent_scale, narrow_posterior, to_pixels, train_vae
+from .build_vae import VAE_PHASES, VAESettings, check_images, codec_report, latent_scale, narrow_posterior, to_pixels, train_vae
+from .photos import load_photos, photo_paths
 from .tiny import DEFAULT_CHECKPOINT, TINY_TEXT, TINY_UNET, TINY_VAE
 from .world import CAPTION_STYLES, caption, render, sample_scene
 
@@ -82,6 +84,9 @@ class BuildConfig:
     """Everything the built weights depend on; a resumed build must be given the same."""
 
     seed: int = 0
+    init_from: str = ""  # sha256 of the checkpoint the VAE and denoiser start from; "" trains from scratch
+    photos: bool = True  # natural photos in the VAE's batches (needs requirements-build.txt)
+    light_share: float = 0.0  # of the pool's scenes on light backgrounds
     pool_size: int = 16_000
     check_images: int = 128  # full-size images that measure the latent scale and the codec
     latent_std: float = 1.0  # of the UNet's latents; below SD's 1 shifts every step toward noise
@@ -123,10 +128,10 @@ class LatentPool:
     tokens: torch.Tensor  # [N, 2, 77] int32: the caption in each of CAPTION_STYLES
 
 
-def pool_scenes(seed: int, count: int) -> list:
+def pool_scenes(seed: int, count: int, light_share: float = 0.0) -> list:
     """`count` scenes of the seen shapes and colours only (sample_scene's defaults)."""
     rng = np.random.default_rng([POOL_STREAM, seed])
-    return [sample_scene(rng) for _ in range(count)]
+    return [sample_scene(rng, light_share=light_share) for _ in range(count)]
 
 
 def caption_tokens(scenes) -> torch.Tensor:
@@ -144,10 +149,10 @@ def encode_scenes(vae: AutoencoderKL, scenes, batch_size: int = 256) -> torch.Te
     return torch.cat([vae.encode(to_pixels([render(s) for s in chunk])).half() for chunk in tqdm(chunks, desc="pool")])
 
 
-def make_pool(vae: AutoencoderKL, seed: int, size: int, path: Path) -> LatentPool:
+def make_pool(vae: AutoencoderKL, seed: int, size: int, path: Path, light_share: float = 0.0) -> LatentPool:
     """The pool from `path`, or encoded and saved there."""
     if not path.exists():
-        scenes = pool_scenes(seed, size)
+        scenes = pool_scenes(seed, size, light_share)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"latents": encode_scenes(vae, scenes), "tokens": caption_tokens(scenes)}, tmp)
         os.replace(tmp, path)
@@ -196,13 +201,17 @@ def zero_init_outputs(unet: UNetModel) -> UNetModel:
     return unet
 
 
-def new_denoiser(seed: int, used_ids: torch.Tensor) -> nn.ModuleDict:
-    """Freshly initialised UNet and text encoder (the latter training only the `used_ids` rows)."""
+def new_denoiser(seed: int, used_ids: torch.Tensor, start: Checkpoint | None = None) -> nn.ModuleDict:
+    """The UNet and text encoder to train (the latter training only the `used_ids` rows): freshly
+    initialised, or `start`'s."""
     torch.manual_seed(seed)
-    text_encoder = TextEncoder(TINY_TEXT)
+    if start is None:
+        unet, text_encoder = zero_init_outputs(UNetModel(TINY_UNET)), TextEncoder(TINY_TEXT)
+    else:
+        unet, text_encoder = start.unet.requires_grad_(True), start.text_encoder.requires_grad_(True)
     embeddings = text_encoder.transformer.text_model.embeddings
     embeddings.token_embedding = UsedRowsEmbedding(embeddings.token_embedding, used_ids)
-    return nn.ModuleDict({"unet": zero_init_outputs(UNetModel(TINY_UNET)), "text_encoder": text_encoder})
+    return nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
 
 
 def diffusion_batch(pool: LatentPool, settings: DiffusionSettings, seed: int, step: int, empty: torch.Tensor):
@@ -242,8 +251,8 @@ def train_diffusion(
     model: nn.ModuleDict, pool: LatentPool, settings: DiffusionSettings, seed: int, stage_file: Callable[[str], StageFile]
 ) -> nn.ModuleDict:
     """The phases in turn, each starting from the previous one's EMA weights; returns the last EMA."""
-    first_step = 0
-    for index, phase in enumerate(settings.phases):
+    first_step, ema = 0, copy.deepcopy(model)
+    for index, phase in enumerate(p for p in settings.phases if p.steps):
         ema = train_diffusion_phase(model, pool, settings, phase, seed, first_step, stage_file(f"diffusion-{index}"))
         model.load_state_dict(ema.state_dict())
         first_step += phase.steps
@@ -304,23 +313,46 @@ def prepare_work(work: Path, config: BuildConfig, resume: bool) -> None:
     saved.write_text(json.dumps(asdict(config), indent=1))
 
 
-def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save_every_s: float = 180.0) -> None:
-    """Run (or continue) every stage and write the checkpoint to `out`."""
+def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save_every_s: float = 180.0,
+          init_from: Path | None = None) -> None:
+    """Run (or continue) every stage and write the checkpoint to `out`. With `init_from` (whose
+    sha256 must be `config.init_from`) the VAE and the denoiser start from that checkpoint's, the VAE
+    anchored to it (build_vae) and keeping its latent scale, so the denoiser's phases fine-tune."""
     prepare_work(work, config, resume)
     torch.manual_seed(config.seed)
-    vae = narrow_posterior(AutoencoderKL(TINY_VAE))
+    start = starting_checkpoint(init_from, config.init_from)
+    vae = narrow_posterior(AutoencoderKL(TINY_VAE)) if start is None else start.vae.requires_grad_(True)
+    anchor = None if start is None else copy.deepcopy(vae).requires_grad_(False)
     def stage_file(name: str) -> StageFile:
         return StageFile(work / f"{name}.pt", save_every_s)
 
-    train_vae(vae, config.vae, config.seed, stage_file)
+    photos = load_photos(photo_paths()) if config.photos else []
+    train_vae(vae, config.vae, config.seed, stage_file, photos, anchor)
     check = check_images(config.seed, config.check_images)
-    vae.scale_factor = latent_scale(vae, check, config.latent_std)
+    if start is None:
+        vae.scale_factor = latent_scale(vae, check, config.latent_std)
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
-    pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt")
+    pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt", config.light_share)
     used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
-    denoiser = new_denoiser(config.seed, used_ids)
+    denoiser = new_denoiser(config.seed, used_ids, start)
     ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, stage_file)
     export(vae, ema, out, config)
+
+
+def starting_checkpoint(path: Path | None, sha256: str) -> Checkpoint | None:
+    """The checkpoint a build continues from, in fp32, checked against the config's hash of it."""
+    if path is None:
+        if sha256:
+            raise BuildError(f"this build starts from a checkpoint with sha256 {sha256}; pass it with --init-from")
+        return None
+    found = file_sha256(path)
+    if found != sha256:
+        raise BuildError(f"{path} has sha256 {found}, not the {sha256 or 'none'} this build's config names")
+    return load_checkpoint(path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -333,6 +365,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--steps", type=int, nargs=len(DIFFUSION_PHASES), default=[p.steps for p in DIFFUSION_PHASES],
         help=f"UNet + text encoder steps of each phase (lr {', '.join(f'{p.lr:g}' for p in DIFFUSION_PHASES)})",
     )
+    parser.add_argument(
+        "--vae-steps", type=int, nargs=len(VAE_PHASES), default=[p.steps for p in VAE_PHASES],
+        help=f"VAE steps of each phase ({', '.join(f'{p.crop} px crops' for p in VAE_PHASES)})",
+    )
+    parser.add_argument("--init-from", type=Path, help="start the VAE and the denoiser from this checkpoint (e.g. the shipped one)")
+    parser.add_argument("--anchor-weight", type=float, default=1.0, help="with --init-from: how strongly world latents stay put")
+    parser.add_argument("--light-share", type=float, default=BuildConfig.light_share, help="share of light backgrounds in the pool")
+    parser.add_argument("--no-photos", action="store_true", help="train the VAE without natural photos (no scikit-image)")
     parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
     parser.add_argument("--latent-std", type=float, default=BuildConfig.latent_std)
     parser.add_argument("--noise-offset", type=float, default=DiffusionSettings.noise_offset)
@@ -347,6 +387,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     config = BuildConfig(
         seed=args.seed,
+        init_from=file_sha256(args.init_from) if args.init_from else "",
+        photos=not args.no_photos,
+        light_share=args.light_share,
+        vae=VAESettings(phases=tuple(replace(phase, steps=steps) for phase, steps in zip(VAE_PHASES, args.vae_steps)),
+                        anchor_weight=args.anchor_weight if args.init_from else 0.0),
         pool_size=args.pool_size,
         latent_std=args.latent_std,
         diffusion=DiffusionSettings(
@@ -356,7 +401,7 @@ def main(argv=None) -> None:
         ),
     )
     start = time.monotonic()
-    build(config, args.work, args.out, args.resume, args.save_every)
+    build(config, args.work, args.out, args.resume, args.save_every, args.init_from)
     print(f"wrote {args.out} in {(time.monotonic() - start) / 60:.1f} min")
 
 

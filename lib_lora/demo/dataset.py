@@ -41,7 +41,8 @@ def concept_spec(concept: str) -> Concept:
 
 def make_lora_dataset(out_dir, concept: str = "star", trigger: str = "zkz", n_images: int = 12,
                       repeats: int = 10, seed: int = 0, size: int = 64,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, light_share: float = 0.0,
+                      shown: tuple[str, ...] = ()) -> Path:
     """Write `n_images` seeded images of `concept` to `out_dir/<repeats>_<trigger>/` and return
     `out_dir` (the folder a trainer takes as its dataset).
 
@@ -50,21 +51,34 @@ def make_lora_dataset(out_dir, concept: str = "star", trigger: str = "zkz", n_im
     its subject in every setting: 12 random draws can leave a shape with one example, which the
     LoRA then draws badly. A non-empty `out_dir` is refused unless `overwrite=True`, which
     replaces the image folder and leaves anything else in `out_dir` alone.
+    `light_share` of the images get light backgrounds (world.sample_scene); `shown` narrows the
+    shapes (or colours) the concept is shown with, e.g. a new colour on circles and triangles only.
     """
-    spec = concept_spec(concept)
+    spec = _narrowed(concept_spec(concept), shown)
     _check_arguments(trigger, n_images, repeats)
     out_dir = Path(out_dir)
     folder = out_dir / f"{repeats}_{trigger}"
     _prepare(out_dir, folder, overwrite)
     rng = np.random.default_rng(seed)
     for index in range(n_images):
-        scene = sample_scene(rng, _in_turn(spec.shapes, index), _in_turn(spec.colours, index))
+        scene = sample_scene(rng, _in_turn(spec.shapes, index), _in_turn(spec.colours, index), light_share=light_share)
         description = describe(scene)
         marked = replace(description, **{spec.part: f"{trigger} {getattr(description, spec.part)}"})
         stem = folder / f"img_{index:03d}"
         render(scene, size).save(stem.with_suffix(".png"))
         stem.with_suffix(".txt").write_text(marked.text(str(rng.choice(CAPTION_STYLES))) + "\n")
     return out_dir
+
+
+def _narrowed(spec: Concept, shown: tuple[str, ...]) -> Concept:
+    """`spec` with the other part (shapes of a colour concept, colours of a shape one) limited to `shown`."""
+    if not shown:
+        return spec
+    other = "shapes" if spec.part == "colour" else "colours"
+    unknown = [name for name in shown if name not in getattr(spec, other)]
+    if unknown:
+        raise ValueError(f"cannot show the concept with {unknown}; its {other} are {getattr(spec, other)}")
+    return replace(spec, **{other: tuple(shown)})
 
 
 def _in_turn(options: tuple[str, ...], index: int) -> tuple[str]:

@@ -96,7 +96,11 @@ class DemoResult:
 
 
 def run_demo(out_dir: Path, *, concept: str = "purple", checkpoint: Path | None = None, config_changes: dict | None = None,
-             on_event: Callable | None = None, say=print) -> DemoResult:
+             on_event: Callable | None = None, say=print, dataset_options: dict | None = None,
+             regularization: bool = True) -> DemoResult:
+    """Train the demo LoRA and measure it. `dataset_options` go to `make_lora_dataset` (light_share,
+    shown) and `regularization=False` trains without the regularization folder, as a new user would:
+    bench/quality.py's held-out variants."""
     from ..hosts.standalone import StandaloneHost
     from ..train.presets import demo_config
     from ..train.trainer import train
@@ -105,8 +109,9 @@ def run_demo(out_dir: Path, *, concept: str = "purple", checkpoint: Path | None 
     out_dir = Path(out_dir)
     host = StandaloneHost.from_file(checkpoint, out_dir=out_dir)
     name = fresh_name(host.lora_dir, f"demo-{concept}")
-    data = make_lora_dataset(out_dir / "demo" / name / "data", concept=concept, trigger=TRIGGER, n_images=12, repeats=10, seed=0)
-    reg = make_reg_dataset(out_dir / "demo" / name / "reg")
+    data = make_lora_dataset(out_dir / "demo" / name / "data", concept=concept, trigger=TRIGGER, n_images=12, repeats=10, seed=0,
+                             **(dataset_options or {}))
+    reg = make_reg_dataset(out_dir / "demo" / name / "reg") if regularization else None
     config = replace(demo_config(data, reg, name, TRIGGER), **(config_changes or {}))
     prompts = concept_prompts(concept)
     say(f"Training LoRA {name!r} on {data} (concept {concept!r}, trigger {TRIGGER!r}) with the embedded base model")

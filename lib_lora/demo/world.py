@@ -43,9 +43,12 @@ SMALL_BELOW, LARGE_ABOVE = 0.19, 0.25  # size words; in between the caption says
 SIDE_BELOW, SIDE_ABOVE = 0.4, 0.6  # cx below: "left", above: "right"; cy: "top", "bottom"
 EDGE_MARGIN = 0.03  # empty border kept around the object, fraction of the side
 SUPERSAMPLE = 4
-# Backgrounds are dark near-neutral greys: every named colour stands well clear of them.
+# Backgrounds are dark near-neutral greys, where every named colour stands well clear of them, or
+# (with `light_share`) light, slightly tinted ones, under every colour but those too close to them.
 BACKGROUND_LEVELS = (18, 70)
 BACKGROUND_TINT = 6
+LIGHT_LEVELS = (175, 245)
+LIGHT_TINT = 18
 GRADIENT_MAX = 14.0  # grey levels across the whole image
 TEXTURE_MAX = 6.0  # grey levels of the smooth texture
 COLOUR_JITTER = 12  # per channel, around the named colour
@@ -123,11 +126,14 @@ def shape_polygon(shape: str, rotation: float = 0.0) -> np.ndarray:
 
 
 def sample_scene(rng: np.random.Generator, shapes: Sequence[str] = SEEN_SHAPES,
-                 colours: Sequence[str] = SEEN_COLOURS, random_rgb: bool = False) -> Scene:
+                 colours: Sequence[str] = SEEN_COLOURS, random_rgb: bool = False,
+                 light_share: float = 0.0) -> Scene:
     """Draw a scene from `shapes` and `colours` (defaults: what the base model may see).
 
     `random_rgb=True` ignores `colours` and paints any RGB that contrasts with the background
     (for the VAE, which must reproduce every colour); such scenes have no colour name.
+    `light_share` of the scenes get a light background instead, unless their object would not stand
+    out on it (white); with 0 no extra number is drawn, so earlier seeded scenes stay the same.
     """
     _check_names(shapes, SHAPES, "shape")
     _check_names(colours, COLOURS, "colour")
@@ -143,6 +149,10 @@ def sample_scene(rng: np.random.Generator, shapes: Sequence[str] = SEEN_SHAPES,
     reach = size * EXTENT[shape] + EDGE_MARGIN
     cx, cy = (float(v) for v in rng.uniform(reach, 1.0 - reach, size=2))
     rotation = float(rng.uniform(0.0, SYMMETRY_DEGREES[shape]))
+    if light_share and rng.random() < light_share:
+        light = light_background(rng)
+        if np.linalg.norm(np.subtract(rgb, light.rgb)) >= MIN_RANDOM_CONTRAST:
+            background = light
     return Scene(shape, colour_name, rgb, size, cx, cy, rotation, background)
 
 
@@ -162,6 +172,14 @@ def _sample_background(rng: np.random.Generator) -> Background:
     amplitude = float(rng.uniform(0.0, TEXTURE_MAX))
     return Background(rgb, gradient if kind >= 1 else (0.0, 0.0), texture_seed,
                       amplitude if kind == 2 else 0.0)
+
+
+def light_background(rng: np.random.Generator) -> Background:
+    """A light, slightly tinted background, plain, gradient or textured as the dark ones."""
+    dark = _sample_background(rng)
+    level = rng.integers(*LIGHT_LEVELS)
+    rgb = tuple(int(min(255, level + t)) for t in rng.integers(-LIGHT_TINT, LIGHT_TINT + 1, size=3))
+    return Background(rgb, dark.gradient, dark.texture_seed, dark.texture_amplitude)
 
 
 def _random_contrasting_rgb(rng: np.random.Generator,
