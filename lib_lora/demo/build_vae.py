@@ -79,6 +79,18 @@ def codec_pictures(rng: np.random.Generator, count: int, photos: list) -> tuple[
     return (pictures + photo_crops(photos, count - len(pictures), rng))[:count], dark
 
 
+def to_pixels(images) -> torch.Tensor:
+    """PIL RGB images -> [B, 3, H, W] float in [-1, 1], the VAE's input range."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])  # [B, H, W, 3]
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def random_crops(pixels: torch.Tensor, crop: int, grid: int, rng: np.random.Generator) -> torch.Tensor:
+    """One `crop`-sized window per image [B, 3, crop, crop], at offsets on the latent grid."""
+    offsets = rng.integers(0, (pixels.shape[-1] - crop) // grid + 1, size=(len(pixels), 2)) * grid
+    return torch.stack([p[:, y : y + crop, x : x + crop] for p, (y, x) in zip(pixels, offsets)])
+
+
 def vae_batch(phase: VAEPhase, key: list[int], grid: int, photos: list) -> tuple[torch.Tensor, int, torch.Generator]:
     """(crops, how many world scenes lead them, generator of the posterior noise) of `key` ([seed, phase,
     step]), drawn from the key alone, so a resumed build draws exactly what an uninterrupted one would."""
