@@ -7,10 +7,14 @@ CLI's defaults (euler_a, 20 steps, 64x64; cfg and sampler as given) and read by 
 - colour accuracy: seen-prompt images whose colour is read as the prompt's;
 - colour+shape accuracy: ... whose colour and shape are both read as the prompt's;
 - held-out rate: held-out-prompt images read as a star or as purple (should be near zero);
+- light backgrounds: seen-prompt images whose border is light (the world has both since the base's
+  second build; the prompts do not say which, so the seed chooses);
 and writes a contact sheet (one row per prompt) to look at.
 """
 import argparse
 import sys
+
+import numpy as np
 import time
 from pathlib import Path
 
@@ -30,6 +34,13 @@ HELD_OUT_PROMPTS = [f"a {s}" for s in HELD_OUT_SHAPES] + [f"a {c} {s}" for c in 
 HELD_OUT_PROMPTS += [f"a {c} {s}" for c in HELD_OUT_COLOURS for s in SEEN_SHAPES]
 LABEL_WIDTH = 150
 ROWS_PER_PANEL = 20
+LIGHT_BORDER = 140  # mean grey level of a 3 px border above which a background counts as light
+
+
+def has_light_background(image: Image.Image) -> bool:
+    pixels = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
+    return float(border.mean()) > LIGHT_BORDER
 
 
 def read_prompt(ckpt, prompt: str, args) -> tuple[list[Image.Image], list[Analysis]]:
@@ -77,6 +88,7 @@ def main() -> None:
     both_right = sum(a.colour == colour and a.shape == shape for colour, shape, a in seen_readings)
     held_out_readings = [a for _, readings in held_out.values() for a in readings]
     drawn = sum(a.shape in HELD_OUT_SHAPES or a.colour in HELD_OUT_COLOURS for a in held_out_readings)
+    light = sum(has_light_background(image) for images, _ in seen.values() for image in images)
     rows = [(f"a {c} {s}", images) for (c, s), (images, _) in seen.items()] + [(p, im) for p, (im, _) in held_out.items()]
     contact_sheet(rows, args.sheet)
     n_seen, n_held = len(seen_readings), len(held_out_readings)
@@ -84,6 +96,7 @@ def main() -> None:
     print(f"colour accuracy        {colour_right / n_seen:.3f}  ({colour_right}/{n_seen} seen-prompt images)")
     print(f"colour+shape accuracy  {both_right / n_seen:.3f}  ({both_right}/{n_seen})")
     print(f"held-out rate          {drawn / n_held:.3f}  ({drawn}/{n_held} held-out-prompt images read as star or purple)")
+    print(f"light backgrounds      {light / n_seen:.3f}  ({light}/{n_seen} seen-prompt images)")
     print(f"contact sheet: {args.sheet}; {time.monotonic() - start:.0f} s")
 
 

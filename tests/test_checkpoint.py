@@ -135,3 +135,26 @@ def test_a_header_that_lies_about_offsets_is_named(tiny_checkpoint_path, tmp_pat
     lying.write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + length :])
     with pytest.raises(CheckpointError, match=rf"lying\.safetensors: header entry '{key}' claims bytes"):
         load_checkpoint(lying)
+
+
+def test_vae_norm_groups_travel_in_the_metadata_and_change_what_it_decodes(tmp_path):
+    """GroupNorm's groups are not in the state dict: a file saved with 8 must load with 8, or it decodes other pictures."""
+    from dataclasses import replace
+
+    from lib_lora.demo.tiny import random_tiny_checkpoint
+    from lib_lora.models.checkpoint import save_checkpoint
+    from lib_lora.models.vae import AutoencoderKL
+
+    ckpt = random_tiny_checkpoint(seed=1)
+    grouped = AutoencoderKL(replace(ckpt.vae.config, norm_groups=8), ckpt.vae.scale_factor)
+    grouped.load_state_dict(ckpt.vae.state_dict())
+    ckpt.vae = grouped.eval()
+    save_checkpoint(ckpt, tmp_path / "g8.safetensors")
+    loaded = load_checkpoint(tmp_path / "g8.safetensors")
+    assert loaded.vae.config.norm_groups == 8
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.vae.decode(latents), grouped.decode(latents), atol=1e-6)
+        as_32 = AutoencoderKL(replace(grouped.config, norm_groups=32), grouped.scale_factor).eval()
+        as_32.load_state_dict(grouped.state_dict())
+        assert not torch.allclose(as_32.decode(latents), grouped.decode(latents), atol=1e-3)

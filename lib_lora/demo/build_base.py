@@ -1,9 +1,11 @@
 """Builds the embedded tiny base model on a CPU: `python -m lib_lora.demo.build_base --work build/tiny-base`.
 
 Three stages, each resumable from its file in the work folder (saved every few minutes; `--resume`):
-1. vae (build_vae.py): a general codec for the whole world, held-out concepts and any RGB included;
-2. pool: latents of a fixed set of seeded world images of the *seen* concepts only, each with its
-   caption in both styles, tokenized with the real CLIP vocabulary;
+1. vae (build_vae.py): a general codec for 64 px pictures: the world (held-out concepts, any RGB and
+   light backgrounds included), broad procedural pictures and natural photos;
+2. pool: latents of a fixed set of seeded world images of the *seen* concepts only (`--light-share`
+   of them on light backgrounds), each with its caption in both styles, tokenized with the real CLIP
+   vocabulary;
 3. diffusion: UNet and CLIP text encoder trained together from scratch on the pool, in phases of
    falling lr (each resumable as `diffusion-<i>`), with ldm's objective (eps-prediction on the SD1
    schedule), min-SNR weighted (Hang et al. 2023), with 10% empty captions so that classifier-free
@@ -14,6 +16,9 @@ Three stages, each resumable from its file in the work folder (saved every few m
    rather than the prompt (measured with bench/base_quality.py: colour 0.55). Multi-resolution
    noise also fixed the colour (0.86) but made the UNet ignore the shape words (0.00).
 The UNet and text encoder never see a star or anything purple: those are what LoRA demos teach.
+`--init-from FILE` continues from an earlier build instead of starting from scratch (its sha256 is
+recorded in the config): the VAE starts from its VAE, anchored to its latents, and the UNet and text
+encoder from its own, so the diffusion phases fine-tune (`--steps 0 N M` skips the first).
 The result is written in ldm layout in fp16 and loads through `load_checkpoint` like any SD1 file.
 """
 from __future__ import annotations
@@ -87,6 +92,7 @@ class BuildConfig:
     init_from: str = ""  # sha256 of the checkpoint the VAE and denoiser start from; "" trains from scratch
     photos: bool = True  # natural photos in the VAE's batches (needs requirements-build.txt)
     light_share: float = 0.0  # of the pool's scenes on light backgrounds
+    vae_norm_groups: int = TINY_VAE.norm_groups
     pool_size: int = 16_000
     check_images: int = 128  # full-size images that measure the latent scale and the codec
     latent_std: float = 1.0  # of the UNet's latents; below SD's 1 shifts every step toward noise
@@ -321,8 +327,11 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     prepare_work(work, config, resume)
     torch.manual_seed(config.seed)
     start = starting_checkpoint(init_from, config.init_from)
-    vae = narrow_posterior(AutoencoderKL(TINY_VAE)) if start is None else start.vae.requires_grad_(True)
-    anchor = None if start is None else copy.deepcopy(vae).requires_grad_(False)
+    vae = narrow_posterior(AutoencoderKL(replace(TINY_VAE, norm_groups=config.vae_norm_groups)))
+    if start is not None:
+        vae.load_state_dict(start.vae.state_dict())
+        vae.scale_factor = start.vae.scale_factor
+    anchor = None if start is None else start.vae.requires_grad_(False)
     def stage_file(name: str) -> StageFile:
         return StageFile(work / f"{name}.pt", save_every_s)
 
@@ -371,6 +380,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--init-from", type=Path, help="start the VAE and the denoiser from this checkpoint (e.g. the shipped one)")
     parser.add_argument("--anchor-weight", type=float, default=1.0, help="with --init-from: how strongly world latents stay put")
+    parser.add_argument("--vae-norm-groups", type=int, default=BuildConfig.vae_norm_groups, help="the VAE's GroupNorm groups (ldm: 32)")
     parser.add_argument("--light-share", type=float, default=BuildConfig.light_share, help="share of light backgrounds in the pool")
     parser.add_argument("--no-photos", action="store_true", help="train the VAE without natural photos (no scikit-image)")
     parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
@@ -390,6 +400,7 @@ def main(argv=None) -> None:
         init_from=file_sha256(args.init_from) if args.init_from else "",
         photos=not args.no_photos,
         light_share=args.light_share,
+        vae_norm_groups=args.vae_norm_groups,
         vae=VAESettings(phases=tuple(replace(phase, steps=steps) for phase, steps in zip(VAE_PHASES, args.vae_steps)),
                         anchor_weight=args.anchor_weight if args.init_from else 0.0),
         pool_size=args.pool_size,

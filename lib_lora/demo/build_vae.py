@@ -54,7 +54,7 @@ class VAEPhase:
 VAE_PHASES = (VAEPhase(steps=5000, batch_size=8, crop=32, lr=1e-3), VAEPhase(steps=1000, batch_size=4, crop=64, lr=3e-4))
 # Shares of each batch: the world's dark scenes first (the anchor term reads them: they are what an earlier
 # model's UNet knows), then its scenes on light backgrounds, broad pictures and photos.
-CODEC_MIX = (0.25, 0.125, 0.25, 0.375)
+CODEC_MIX = (0.25, 0.25, 0.3, 0.2)
 
 
 @dataclass(frozen=True)

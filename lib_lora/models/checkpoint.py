@@ -177,7 +177,7 @@ def infer_unet_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> UNet
     )
 
 
-def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
+def infer_vae_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> VAEConfig:
     channels = sd["encoder.conv_in.weight"].shape[0]
     levels = _count_indices(sd, r"encoder\.down\.(\d+)\.")
     widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
@@ -187,6 +187,7 @@ def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
         channels=channels,
         channel_mult=tuple(w // channels for w in widths),
         num_res_blocks=_count_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+        norm_groups=int((meta or {}).get("lib_lora.vae_norm_groups", 32)),
     )
 
 
@@ -302,7 +303,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     unet_sd, vae_sd = Component(state, UNET_PREFIX, kept), Component(state, VAE_PREFIX, kept)
     text_sds = [(Component(state, prefix, kept), prefix, cls, infer, heads_key) for prefix, cls, infer, heads_key in TEXT_ENCODERS[arch]]
     try:
-        unet_config, vae_config = infer_unet_config(unet_sd, meta), infer_vae_config(vae_sd)
+        unet_config, vae_config = infer_unet_config(unet_sd, meta), infer_vae_config(vae_sd, meta)
         text_configs = [infer(sd, meta, heads_key) for sd, _, _, infer, heads_key in text_sds]
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the {ARCH_NAMES[arch]} architecture") from e
@@ -329,6 +330,7 @@ def checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
         "lib_lora.unet_num_heads": str(ckpt.unet.config.num_heads),
         "lib_lora.text_num_heads": str(ckpt.text_encoder.config.heads),
         "lib_lora.scale_factor": str(ckpt.vae.scale_factor),
+        "lib_lora.vae_norm_groups": str(ckpt.vae.config.norm_groups),
         "lib_lora.parameterization": ckpt.parameterization,
     }
     if ckpt.text_encoder_2 is not None:

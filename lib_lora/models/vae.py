@@ -24,22 +24,25 @@ class VAEConfig:
     channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
+    # GroupNorm's groups (ldm: 32). Not in the state dict: a checkpoint stores it in its metadata. At
+    # 32 channels, 32 groups normalise each channel alone, and a flat colour then survives only as a pattern.
+    norm_groups: int = 32
 
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
 
-def normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, channels: int, out_channels: int):
+    def __init__(self, channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.norm1 = normalize(channels)
+        self.norm1 = normalize(channels, groups)
         self.conv1 = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.norm2 = normalize(out_channels)
+        self.norm2 = normalize(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
 
@@ -52,9 +55,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1 conv projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = normalize(channels)
+        self.norm = normalize(channels, groups)
         self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -78,11 +81,11 @@ class Downsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -106,12 +109,12 @@ class Encoder(nn.Module):
         for i, mult in enumerate(mults):
             blocks = []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, ch * mult))
+                blocks.append(ResnetBlock(block_in, ch * mult, config.norm_groups))
                 block_in = ch * mult
             resample = Downsample(block_in) if i != len(mults) - 1 else None
             self.down.append(_level(blocks, resample, "downsample"))
-        self.mid = MidBlock(block_in)
-        self.norm_out = normalize(block_in)
+        self.mid = MidBlock(block_in, config.norm_groups)
+        self.norm_out = normalize(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -130,16 +133,16 @@ class Decoder(nn.Module):
         ch, mults = config.channels, config.channel_mult
         block_in = ch * mults[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in)
+        self.mid = MidBlock(block_in, config.norm_groups)
         levels = []
         for i in reversed(range(len(mults))):  # built from the deepest level; stored in ldm's order
             blocks = []
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, ch * mults[i]))
+                blocks.append(ResnetBlock(block_in, ch * mults[i], config.norm_groups))
                 block_in = ch * mults[i]
             levels.insert(0, _level(blocks, Upsample(block_in) if i != 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)
-        self.norm_out = normalize(block_in)
+        self.norm_out = normalize(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z):
