@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import time
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data.cache import file_sha256
 from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..models.clip_text import TextEncoder
 from ..models.schedule import sd_alphas_cumprod
@@ -358,10 +358,6 @@ def starting_checkpoint(path: Path | None, sha256: str) -> Checkpoint | None:
     if found != sha256:
         raise BuildError(f"{path} has sha256 {found}, not the {sha256 or 'none'} this build's config names")
     return load_checkpoint(path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

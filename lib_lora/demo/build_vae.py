@@ -92,7 +92,7 @@ def random_crops(pixels: torch.Tensor, crop: int, grid: int, rng: np.random.Gene
 
 
 def vae_batch(phase: VAEPhase, key: list[int], grid: int, photos: list) -> tuple[torch.Tensor, int, torch.Generator]:
-    """(crops, how many world scenes lead them, generator of the posterior noise) of `key` ([seed, phase,
+    """(crops, how many dark world scenes lead them, generator of the posterior noise) of `key` ([seed, phase,
     step]), drawn from the key alone, so a resumed build draws exactly what an uninterrupted one would."""
     rng = np.random.default_rng([VAE_STREAM, *key])
     pictures, world = codec_pictures(rng, phase.batch_size, photos)
