@@ -158,3 +158,17 @@ def test_vae_norm_groups_travel_in_the_metadata_and_change_what_it_decodes(tmp_p
         as_32 = AutoencoderKL(replace(grouped.config, norm_groups=32), grouped.scale_factor).eval()
         as_32.load_state_dict(grouped.state_dict())
         assert not torch.allclose(as_32.decode(latents), grouped.decode(latents), atol=1e-3)
+
+
+def test_an_fp16_file_loads_as_fp32_with_its_own_values_in_every_tensor(tiny_checkpoint_path, tmp_path):
+    # the loader converts through one reused staging buffer: each weight must still be its own copy
+    state, meta = read_state_dict(tiny_checkpoint_path)
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(half), metadata=meta)
+    ckpt = load_checkpoint(half, dtype=torch.float32)
+    weights = {f"model.diffusion_model.{k}": v for k, v in ckpt.unet.state_dict().items()}
+    assert weights and all(v.dtype == torch.float32 for v in weights.values())
+    for key, value in weights.items():
+        assert torch.equal(value, state[key].half().float()), key
+    pointers = [v.data_ptr() for v in weights.values()]
+    assert len(set(pointers)) == len(pointers)

@@ -292,3 +292,21 @@ def test_training_leaves_the_host_rng_and_weights_untouched(dataset, host):
     train(config_for(dataset), host)
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(before[k], v) for k, v in host.unet.state_dict().items())
+
+
+def test_the_base_model_hashes_follow_the_file_when_it_changes(tmp_path):
+    # hashed on a background thread while the CLI loads the checkpoint; a rewritten file is hashed again
+    import hashlib
+    import os
+
+    from lib_lora.train.saving import checkpoint_hashes, hash_in_background
+
+    path = tmp_path / "base.safetensors"
+    path.write_bytes(b"a" * (0x110000 + 5))
+    hash_in_background(path)
+    assert checkpoint_hashes(path, path.stat().st_mtime_ns)["new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(b"b" * (0x110000 + 5))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    hashes = checkpoint_hashes(path, path.stat().st_mtime_ns)
+    assert hashes["new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashes["sd_model_hash"] == hashlib.sha256(b"b" * 0x10000).hexdigest()[:8]

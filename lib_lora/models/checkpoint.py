@@ -127,6 +127,12 @@ class Component(Mapping):
     def __contains__(self, key) -> bool:
         return key in self._keys
 
+    def converted(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor in `dtype`, read from a lazily read file without a file-dtype copy of its own."""
+        if isinstance(self._state, LazyTensors):
+            return self._state.read(self._prefix + key, dtype)
+        return self[key].to(dtype)
+
 
 def _count_indices(keys, pattern: str) -> int:
     found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
@@ -259,7 +265,7 @@ def sd2_predicts_v(unet: UNetModel) -> bool:
     return (unet(x, torch.tensor([999], device=param.device), context) - x).float().mean().item() < -1
 
 
-def _build(path, module_cls, config, sd: Mapping[str, torch.Tensor], prefix: str, dtype, **kwargs):
+def _build(path, module_cls, config, sd: Component, prefix: str, dtype, **kwargs):
     """Construct on the meta device (no wasted init) and take the file's tensors, all keys accounted for.
 
     Each tensor is read and converted to `dtype` on its own, so only one file-dtype copy exists at a time.
@@ -275,10 +281,10 @@ def _build(path, module_cls, config, sd: Mapping[str, torch.Tensor], prefix: str
         raise CheckpointError("\n".join(lines))
     tensors = {}
     for k, p in model.state_dict().items():
-        tensor = sd[k]
+        tensor = sd.converted(k, dtype)
         if tensor.shape != p.shape:
             raise CheckpointError(f"{path}: {prefix}{k} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
-        tensors[k] = tensor.to(dtype)
+        tensors[k] = tensor
     model.load_state_dict(tensors, assign=True)
     return model.eval().requires_grad_(False)
 

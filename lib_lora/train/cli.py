@@ -54,7 +54,9 @@ class ProgressBar:
 def run_train(args) -> None:
     """Train in this process, or as one of N under `torchrun --nproc_per_node N` (data-parallel; process 0 reports)."""
     from ..hosts.standalone import StandaloneHost
+    from ..demo.tiny import DEFAULT_CHECKPOINT
     from .distributed import device_for, from_environment
+    from .saving import hash_in_background
     from .trainer import train
 
     distributed = from_environment()
@@ -66,6 +68,8 @@ def run_train(args) -> None:
         config = config_from_args(args)
         if not config.train_data_dir:
             raise ConfigError("train_data_dir: give the dataset folder (--train_data_dir DIR or in --config)")
+    if distributed.is_main:
+        hash_in_background(args.checkpoint or DEFAULT_CHECKPOINT)  # for the LoRA's metadata; overlaps the load
     host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir, device=device_for(distributed),
                                     parameterization="v" if config.v_parameterization else None)
     if config.output_dir:
