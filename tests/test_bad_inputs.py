@@ -358,6 +358,7 @@ ACCEPTED = {
     "seed": {"0", "huge"},  # 0..2**63-1; -1 is refused: it does not mean random here
     "noise_offset": {"0"},  # 0..1
     "multires_noise_discount": {"0"},  # 0..1
+    "num_class_images": {"0"},  # 0..100000, each drawn before training starts
     "learning_rate": {"huge"},  # > 0; the tab warns outside the optimizer's usual range
     "max_timestep": set(),  # min < max <= 1000
     "min_timestep": {"0"},

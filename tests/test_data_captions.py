@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lib_lora.data import build_caption
+from lib_lora.data.captions import without_words
 
 CAPTION = "1girl, red hair, smile, outdoors, blue sky, tree"
 
@@ -65,3 +66,13 @@ def test_tag_dropout_at_zero_and_one_spares_kept_tags():
 def test_invalid_options(options):
     with pytest.raises(ValueError):
         build(**options)
+
+
+@pytest.mark.parametrize("caption, words, expected", [
+    ("a zkz purple circle", "zkz", "a purple circle"),
+    ("zkz, a ZKZ star, on the left", "zkz", "a star, on the left"),
+    ("zkzz, sks dog, zkz", "zkz, sks", "zkzz, dog"),  # whole words only
+    ("zkz", "zkz", ""),
+])
+def test_class_prompts_leave_the_trigger_words_out(caption, words, expected):
+    assert without_words(caption, words) == expected

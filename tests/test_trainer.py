@@ -310,3 +310,44 @@ def test_the_base_model_hashes_follow_the_file_when_it_changes(tmp_path):
     hashes = checkpoint_hashes(path, path.stat().st_mtime_ns)
     assert hashes["new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert hashes["sd_model_hash"] == hashlib.sha256(b"b" * 0x10000).hexdigest()[:8]
+
+
+def test_class_images_are_drawn_by_the_base_without_the_trigger_and_trained_on(dataset, host):
+    from lib_lora.models.pipeline import GenerationParams
+    from PIL import Image
+
+    from lib_lora.train.dataset import plan_training
+
+    events = []
+    config = config_for(dataset, trigger_words="zkz", num_class_images=3)
+    planned = plan_training(config).steps.total_steps  # the step math the tab shows, before any is drawn
+    result = train(config, host, on_event=collect(events))
+    folder = result.run_dir / "class_images" / "1_class"
+    images = sorted(folder.glob("*.png"))
+    captions = [p.with_suffix(".txt").read_text() for p in images]
+    assert len(images) == 3 and all(c and "zkz" not in c for c in captions)
+    # drawn by the base before any LoRA: the same picture the plain model gives for that prompt and seed
+    base = host.generate(GenerationParams(prompt=captions[1], steps=20, cfg_scale=7.0, seed=config.seed + 1, width=64, height=64))[0]
+    assert Image.open(images[1]).tobytes() == base.tobytes()
+    # as with a regularization folder (kohya): 4 images x 2 repeats + as many class samples (the 3 in turn), batch 2
+    assert result.steps == planned == (8 + 8) // 2
+    prepare = [e for e in events if e.kind == "prepare"]
+    assert [e.step for e in prepare] == [1, 2, 3] and events.index(prepare[-1]) < next(i for i, e in enumerate(events) if e.kind == "start")
+
+
+def test_class_images_are_kept_when_a_run_resumes(dataset, tiny_checkpoint_path, tmp_path):
+    config = config_for(dataset, trigger_words="zkz", num_class_images=2, max_train_epochs=2)
+    host = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path, device="cpu")
+    first = train(config, host, on_event=lambda e: e.kind == "step" and e.step == 2 and host.interrupt())
+    drawn = {p: p.stat().st_mtime_ns for p in (first.run_dir / "class_images" / "1_class").glob("*.png")}
+    events = []
+    resumed = train(config, StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path, device="cpu"), run_dir=first.run_dir,
+                    resume=True, on_event=collect(events))
+    assert first.interrupted and not resumed.interrupted and len(drawn) == 2
+    assert {p: p.stat().st_mtime_ns for p in drawn} == drawn
+
+
+def test_class_images_need_the_trigger_words_to_leave_out():
+    with pytest.raises(ConfigError, match="^num_class_images: set trigger_words"):
+        TrainConfig(train_data_dir="x", num_class_images=10)
+    TrainConfig(train_data_dir="x", reg_data_dir="reg", num_class_images=10)  # a regularization folder is used instead

@@ -67,3 +67,13 @@ def _has_words(tag: str, words: str) -> bool:
 def _check_rate(name: str, rate: float) -> None:
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"{name} must be between 0 and 1, got {rate}")
+
+
+def without_words(caption: str, words: str) -> str:
+    """`caption` with each of the comma-separated `words` taken out wherever it stands as whole words
+    (case-insensitive); tags left empty are dropped: "zkz, a zkz purple circle" -> "a purple circle"."""
+    tags = split_tags(caption)
+    for word in split_tags(words):
+        pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+        tags = [" ".join(pattern.sub(" ", tag).split()) for tag in tags]
+    return JOINER.join(tag for tag in tags if tag)

@@ -205,7 +205,9 @@ class WebuiFamilyHost(Host):
     def report(self, event) -> None:
         """Mirror a TrainEvent into `shared.state` (train() calls this for every event) (job_count = steps, job_no = step, one-line textinfo)."""
         count, step, text = self._progress
-        if event.kind == "start":
+        if event.kind == "prepare":
+            count, step, text = event.total_steps, event.step, f"Training LoRA: {event.message}"
+        elif event.kind == "start":
             count, step, text = event.total_steps, 0, f"Training LoRA: {event.total_steps} steps"
         elif event.kind == "step":
             count, step = event.total_steps or count, event.step

@@ -38,7 +38,14 @@ class ProgressBar:
         self.bar = None
 
     def __call__(self, event) -> None:
-        if event.kind == "start":
+        if event.kind == "prepare":  # class images, before training starts
+            if self.bar is None:
+                self.bar = tqdm(total=event.total_steps, desc="class images", unit="image")
+            self.bar.update(event.step - self.bar.n)
+            if event.step == event.total_steps:
+                self.bar.close()
+                self.bar = None
+        elif event.kind == "start":
             print(event.message)
             self.bar = tqdm(total=event.total_steps, desc="training", unit="step")
         elif event.kind == "step":

@@ -56,6 +56,8 @@ class TrainConfig:
     cache_latents_to_disk: bool = _opt(False, "keep the latent cache in the run folder between runs")
     allow_unreadable_images: bool = _opt(False, "skip unreadable images (listed) instead of refusing to start")
     prior_loss_weight: float = _opt(1.0, "loss weight of regularization images")
+    num_class_images: int = _opt(0, "with no reg_data_dir: draw this many regularization images with the base model first, "
+                                    "from the training captions without the trigger words (DreamBooth's prior preservation)")
     validation_split: float = _opt(0.0, "fraction of images held out for validation loss")
     masked_loss: bool = _opt(False, "use the PNG alpha channel as the per-pixel loss weight")
     # --- network
@@ -141,7 +143,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive, _check_blocks,
-                      _check_pivotal, _check_caption_extension):
+                      _check_pivotal, _check_caption_extension, _check_class_images):
             check(self)
 
     @property
@@ -334,6 +336,7 @@ NUMBER_LIMITS = {
     "seed": (0, 2**63 - 1, "every run is seeded: -1 does not mean random here"),
     "noise_offset": (0, 1, "an offset above 1 outweighs the noise itself; 0.05-0.1 is usual"),
     "multires_noise_discount": (0, 1, "each coarser level must weigh less; 0.3 is usual"),
+    "num_class_images": (0, 100_000, "each is drawn by the base model before training starts; DreamBooth uses 100-200"),
 }
 
 
@@ -484,3 +487,9 @@ def _check_exclusive(c: TrainConfig) -> None:
     problem = name_problem(c.output_name) if isinstance(c.output_name, str) else "is not text"
     if problem:
         raise ConfigError(f"output_name: {c.output_name!r} {problem}; {ALLOWED}")
+
+
+def _check_class_images(c: TrainConfig) -> None:
+    if c.num_class_images and not c.reg_data_dir and not c.trigger_words.strip():
+        raise ConfigError("num_class_images: set trigger_words to the words that name your concept; the class images are drawn "
+                          "from your captions with those words left out")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.batches import Sample, StepMath, bucket_counts, epoch_samples, make_batches, step_math
+from ..data.batches import Sample, StepMath, bucket_counts, epoch_samples, make_batches, reg_repeats, step_math
 from ..data.buckets import BucketChoice, cover_size, make_buckets, select_bucket
 from ..data.cache import LatentCache
 from ..data.captions import build_caption
@@ -49,25 +49,39 @@ def _bucket_chooser(config: TrainConfig) -> tuple[Callable[[ImageItem], BucketCh
     return (lambda item: select_bucket(item.size, buckets, no_upscale=config.bucket_no_upscale, resolution=resolution, step=64)), buckets
 
 
-def plan_training(config: TrainConfig) -> TrainingData:
-    """Scan folders, hold out validation images, assign buckets, and do the step math (shown to the user)."""
+def plan_training(config: TrainConfig, reg_dir: Path | None = None) -> TrainingData:
+    """Scan folders, hold out validation images, assign buckets, and do the step math (shown to the user).
+    `reg_dir` stands in for an empty `reg_data_dir` (the run's class images)."""
     scan = partial(scan_dataset, caption_extension=config.caption_extension, allow_unreadable=config.allow_unreadable_images)
     train = scan(Path(config.train_data_dir))
-    reg = scan(Path(config.reg_data_dir), is_reg=True) if config.reg_data_dir else None
+    reg_dir = Path(config.reg_data_dir) if config.reg_data_dir else reg_dir
+    reg = scan(reg_dir, is_reg=True) if reg_dir else None
     validation = None
     if config.validation_split > 0:
         train, validation = split_validation(train, config.validation_split, config.seed)
     choose, buckets = _bucket_chooser(config)
     choices = {item: choose(item) for s in (train, reg, validation) if s for item in s.items()}
     samples = epoch_samples(train, reg, lambda item: choices[item].bucket)
-    check_batch_size(len(samples), config.train_batch_size)
+    pending = _pending_class_samples(config, len(samples)) if reg is None else 0
+    check_batch_size(len(samples) + pending, config.train_batch_size)
+    buckets_in_use = bucket_counts(samples)
+    if pending:
+        buckets_in_use[tuple(config.resolution)] = buckets_in_use.get(tuple(config.resolution), 0) + pending
     steps = step_math(
-        len(samples), config.max_train_epochs, config.train_batch_size, config.gradient_accumulation_steps, config.max_train_steps or None,
-        bucket_sizes=list(bucket_counts(samples).values()), num_images=train.num_images(),
-        num_reg_samples=sum(sample.is_reg for sample in samples),
+        len(samples) + pending, config.max_train_epochs, config.train_batch_size, config.gradient_accumulation_steps,
+        config.max_train_steps or None, bucket_sizes=list(buckets_in_use.values()), num_images=train.num_images(),
+        num_reg_samples=sum(sample.is_reg for sample in samples) + pending,
     )
     held_out = [Sample(item, choices[item].bucket) for item in validation.items()] if validation else []
     return TrainingData(train, reg, validation, samples, steps, buckets, held_out, choices)
+
+
+def _pending_class_samples(config: TrainConfig, num_train_samples: int) -> int:
+    """Samples an epoch will take from class images not drawn yet (`num_class_images`, each at the training
+    resolution, balanced against the training samples as a regularization folder is), for the step math."""
+    if not config.num_class_images or config.reg_data_dir:
+        return 0
+    return sum(count for _, count in reg_repeats(num_train_samples, [(index, 1) for index in range(config.num_class_images)]))
 
 
 def latent_cache_bytes(data: TrainingData, flip_aug: bool) -> int:

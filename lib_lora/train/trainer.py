@@ -22,6 +22,7 @@ from ..models.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..networks.embeddings import initial_embeddings
 from ..networks.network import make_network
 from .base_model import BaseModel
+from .class_images import FOLDER as CLASS_FOLDER, make_class_images
 from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, latent_cache_bytes, plan_training, plan_warnings
@@ -47,7 +48,7 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 @dataclass
 class TrainEvent:
-    kind: str  # start | step | epoch | save | sample | validation | warning | done
+    kind: str  # prepare | start | step | epoch | save | sample | validation | warning | done
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
@@ -95,7 +96,20 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
             run = RunFolder(run_dir)  # only process 0 creates and writes it
         else:
             run = RunFolder.create(run_dir, config, host.arch)
+        if config.num_class_images and not config.reg_data_dir:
+            data = _with_class_images(config, host, data, run, emit, distributed)
         return _train_in(run, config, host, data, resume, emit, distributed)
+
+
+def _with_class_images(config: TrainConfig, host, data: TrainingData, run: RunFolder, emit, distributed: Distributed) -> TrainingData:
+    """Draw the run's class images with the base (process 0; the others wait) and plan with them as regularization."""
+    if distributed.is_main:
+        def progress(done: int, total: int) -> None:
+            emit(TrainEvent("prepare", done, total, message=f"class image {done}/{total} drawn with the base model"))
+
+        make_class_images(host, config, [item.caption for item in data.train.items()], run.path, progress)
+    distributed.any(False)  # a barrier: every process reads the finished folder
+    return plan_training(config, reg_dir=run.path / CLASS_FOLDER)
 
 
 def _train_in(run: RunFolder, config: TrainConfig, host, data: TrainingData, resume: bool, emit, distributed: Distributed) -> TrainResult:

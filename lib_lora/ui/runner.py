@@ -203,6 +203,8 @@ def _fold(state: JobState, event: TrainEvent, now: float) -> None:
 
 
 def _event_line(event: TrainEvent) -> str:
+    if event.kind == "prepare":
+        return event.message if event.step in (1, event.total_steps) else ""  # the first and the last, not one per image
     if event.kind == "start":
         return f"plan: {event.message}"
     if event.kind in ("step", "done"):
