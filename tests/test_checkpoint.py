@@ -172,3 +172,12 @@ def test_an_fp16_file_loads_as_fp32_with_its_own_values_in_every_tensor(tiny_che
         assert torch.equal(value, state[key].half().float()), key
     pointers = [v.data_ptr() for v in weights.values()]
     assert len(set(pointers)) == len(pointers)
+
+
+def test_a_vae_without_its_decoder_encodes_the_same_and_says_why_it_cannot_decode(tiny_checkpoint_path):
+    full, lean = load_checkpoint(tiny_checkpoint_path), load_checkpoint(tiny_checkpoint_path, vae_decoder=False)
+    assert lean.vae.decoder is None and sum(p.numel() for p in lean.vae.parameters()) < sum(p.numel() for p in full.vae.parameters())
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert torch.equal(lean.vae.encode(pixels), full.vae.encode(pixels))
+    with pytest.raises(RuntimeError, match="without its decoder"):
+        lean.vae.decode(torch.zeros(1, 4, 8, 8))

@@ -351,3 +351,44 @@ def test_class_images_need_the_trigger_words_to_leave_out():
     with pytest.raises(ConfigError, match="^num_class_images: set trigger_words"):
         TrainConfig(train_data_dir="x", num_class_images=10)
     TrainConfig(train_data_dir="x", reg_data_dir="reg", num_class_images=10)  # a regularization folder is used instead
+
+
+def test_the_cli_loads_the_vae_decoder_only_for_runs_that_draw(dataset, tiny_checkpoint_path, tmp_path, monkeypatch):
+    from lib_lora.__main__ import main
+
+    loaded = []
+    original = StandaloneHost.from_file.__func__
+    monkeypatch.setattr(StandaloneHost, "from_file", classmethod(lambda cls, *a, **k: loaded.append(k["draws_images"]) or original(cls, *a, **k)))
+    common = ["train", "--checkpoint", str(tiny_checkpoint_path), "--train_data_dir", str(dataset), "--resolution", "64",
+              "--network_dim", "4", "--max_train_steps", "1"]
+    assert main([*common, "--out-dir", str(tmp_path / "a"), "--output_name", "plain"]) in (0, None)
+    assert main([*common, "--out-dir", str(tmp_path / "b"), "--output_name", "drawn", "--sample_prompts", "a zkz star --s 2",
+                 "--sample_every_n_steps", "1"]) in (0, None)
+    assert loaded == [False, True]
+    assert (tmp_path / "a" / "lora" / "plain.safetensors").exists() and list((tmp_path / "b" / "runs" / "drawn" / "samples").glob("*.png"))
+
+
+ONE_OFF_BLOCKS = """
+import os, torch
+from lib_lora.train.cpu_memory import keep_freed_memory, one_off_allocations
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def freed_at_once():
+    block = torch.ones(2**24)  # 64 MiB
+    before = resident_mib()
+    del block
+    return before - resident_mib()
+keep_freed_memory()
+with one_off_allocations():
+    inside = freed_at_once()
+print(inside, freed_at_once())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_a_vae_encode_while_training_gives_its_big_blocks_back_and_the_steps_keep_theirs():
+    """Inside one_off_allocations (each latent's encode) a freed 64 MiB block leaves the process at once instead of
+    staying in the heap the steps reuse; after it, training's keep-freed-memory setting is back."""
+    done = subprocess.run([sys.executable, "-c", ONE_OFF_BLOCKS], capture_output=True, text=True, check=True, cwd=ROOT)
+    inside, after = map(float, done.stdout.split())
+    assert inside > 60 and after < 4

@@ -26,14 +26,15 @@ class StandaloneHost(Host):
 
     @classmethod
     def from_file(cls, checkpoint: Path | None = None, *, out_dir: Path = Path("out"), device: str | None = None,
-                  dtype: torch.dtype | None = None, parameterization: str | None = None) -> "StandaloneHost":
+                  dtype: torch.dtype | None = None, parameterization: str | None = None, draws_images: bool = True) -> "StandaloneHost":
         """Load a checkpoint (default: the embedded tiny model); LoRAs go to out/lora, runs to out/runs.
 
-        `parameterization` "v" or "eps" overrides what the file says (kohya's --v_parameterization)."""
+        `parameterization` "v" or "eps" overrides what the file says (kohya's --v_parameterization).
+        `draws_images=False` (a CLI training run with no samples) leaves out the VAE's decoder."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
         path = Path(checkpoint or DEFAULT_CHECKPOINT)
-        ckpt = load_checkpoint(path, dtype=dtype, device=device, parameterization=parameterization)
+        ckpt = load_checkpoint(path, dtype=dtype, device=device, parameterization=parameterization, vae_decoder=draws_images)
         if ckpt.arch == "sdxl":
             ckpt.vae.float()  # SDXL's VAE overflows in fp16 (NaN latents); it runs in fp32 as the webui's --no-half-vae
         host = cls(ckpt, model_name=path.stem, lora_dir=Path(out_dir) / "lora", runs_dir=Path(out_dir) / "runs")

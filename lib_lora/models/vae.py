@@ -158,14 +158,14 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """ldm `AutoencoderKL`: `encode` returns the posterior mean and log-variance."""
 
-    def __init__(self, config: VAEConfig, scale_factor: float = SD_LATENT_SCALE):
+    def __init__(self, config: VAEConfig, scale_factor: float = SD_LATENT_SCALE, decoder: bool = True):
         super().__init__()
         self.config = config
         self.scale_factor = scale_factor
         self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.decoder = Decoder(config) if decoder else None  # None: an encoder for caching latents only
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1) if decoder else None
 
     def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [B, 3, H, W] in [-1, 1] -> (mean, logvar), each [B, z, H/f, W/f]."""
@@ -182,4 +182,6 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in about [-1, 1]."""
+        if self.decoder is None:
+            raise RuntimeError("this VAE was loaded without its decoder, for a training run that draws no images")
         return self.decoder(self.post_quant_conv(latents / self.scale_factor))

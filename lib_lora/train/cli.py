@@ -78,7 +78,7 @@ def run_train(args) -> None:
     if distributed.is_main:
         hash_in_background(args.checkpoint or DEFAULT_CHECKPOINT)  # for the LoRA's metadata; overlaps the load
     host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir, device=device_for(distributed),
-                                    parameterization="v" if config.v_parameterization else None)
+                                    parameterization="v" if config.v_parameterization else None, draws_images=config.draws_images)
     if config.output_dir:
         host.lora_dir = Path(config.output_dir)
     progress = ProgressBar() if distributed.is_main else None

@@ -147,6 +147,12 @@ class TrainConfig:
             check(self)
 
     @property
+    def draws_images(self) -> bool:
+        """Whether the run makes pictures with the model (samples, class images), so needs the VAE's decoder."""
+        samples = bool(self.sample_prompts) and bool(self.sample_every_n_steps or self.sample_every_n_epochs)
+        return samples or bool(self.num_class_images and not self.reg_data_dir)
+
+    @property
     def effective_unet_lr(self) -> float:
         return self.unet_lr or self.learning_rate
 

@@ -22,6 +22,7 @@ from ..data.images import FitPlan, apply_fit, image_to_tensor, load_image, plan_
 from ..data.split import split_validation
 from .base_model import BaseModel, model_warnings
 from .config import TrainConfig
+from .cpu_memory import one_off_allocations
 
 LATENT_CHANNELS, LATENT_FILE_HEADER = 4, 128  # SD1/SD2/SDXL latents; a one-tensor safetensors header
 
@@ -151,7 +152,7 @@ class BatchEncoder:
             return latent, None, sizes  # a cache hit never opens the image
         image, alpha = load_image(sample.item.path, with_alpha=self.config.masked_loss)
         if latent is None:
-            with torch.no_grad():
+            with torch.no_grad(), one_off_allocations():
                 latent = self.host.encode_pixels(image_to_tensor(apply_fit(image, plan, flip))[None])[0].float().cpu()
             if key:
                 self.cache.put(key, latent)
