@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--concept-seeds", type=int, default=32, help="seeds per concept prompt for fidelity")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per base prompt for prior preservation")
     parser.add_argument("--train-seeds", type=int, default=1, help="LoRAs trained with seeds seed, seed+1, ...: one run is one draw")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo preset options")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override demo preset options (repeatable)")
     parser.add_argument("--pivotal", action="store_true", help="also learn the trigger's embedding (pivotal tuning), bundled in the LoRA")
     parser.add_argument("--init-word", help="word the trigger's embedding starts from (default: TrainConfig's, '*')")
     parser.add_argument("--embedding-lr", type=float, help="the embedding's learning rate (default: TrainConfig's embedding_lr)")

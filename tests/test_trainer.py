@@ -347,10 +347,10 @@ def test_class_images_are_kept_when_a_run_resumes(dataset, tiny_checkpoint_path,
     assert {p: p.stat().st_mtime_ns for p in drawn} == drawn
 
 
-def test_class_images_need_the_trigger_words_to_leave_out():
+def test_class_images_need_the_trigger_words_to_leave_out(dataset, host):
     with pytest.raises(ConfigError, match="^num_class_images: set trigger_words"):
-        TrainConfig(train_data_dir="x", num_class_images=10)
-    TrainConfig(train_data_dir="x", reg_data_dir="reg", num_class_images=10)  # a regularization folder is used instead
+        train(config_for(dataset, num_class_images=10), host)
+    assert not (host.runs_dir / "t").exists()  # refused before the run folder is made
 
 
 def test_the_cli_loads_the_vae_decoder_only_for_runs_that_draw(dataset, tiny_checkpoint_path, tmp_path, monkeypatch):

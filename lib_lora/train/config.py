@@ -143,7 +143,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for check in (_check_numbers, _check_choices, _check_ranges, _check_resolution, _check_exclusive, _check_blocks,
-                      _check_pivotal, _check_caption_extension, _check_class_images):
+                      _check_pivotal, _check_caption_extension):
             check(self)
 
     @property
@@ -493,9 +493,3 @@ def _check_exclusive(c: TrainConfig) -> None:
     problem = name_problem(c.output_name) if isinstance(c.output_name, str) else "is not text"
     if problem:
         raise ConfigError(f"output_name: {c.output_name!r} {problem}; {ALLOWED}")
-
-
-def _check_class_images(c: TrainConfig) -> None:
-    if c.num_class_images and not c.reg_data_dir and not c.trigger_words.strip():
-        raise ConfigError("num_class_images: set trigger_words to the words that name your concept; the class images are drawn "
-                          "from your captions with those words left out")
