@@ -61,9 +61,10 @@ def dataset(tmp_path_factory):
 
 
 def job(dataset, name: str, **changes) -> dict:
-    """A tiny run: 4 images, batch 2, 2 epochs = 4 steps at 64 px (the rest from the embedded model's defaults)."""
+    """A tiny run: 4 images, batch 2, 2 epochs = 4 steps at 64 px (the rest from the embedded model's defaults, less
+    their class images)."""
     return dict(train_data_dir=str(dataset), output_name=name, resolution=64, network_type="lora", network_dim=4, network_alpha=4,
-                train_batch_size=2, max_train_epochs=2, learning_rate=1e-3, trigger_words="zkz") | changes
+                train_batch_size=2, max_train_epochs=2, learning_rate=1e-3, trigger_words="zkz", num_class_images=0) | changes
 
 
 def call(client, method: str, path: str, **kwargs):

@@ -20,17 +20,6 @@ FOLDER, SUBSET = "class_images", "1_class"
 STEPS, CFG_SCALE = 20, 7.0  # the webui's txt2img defaults
 
 
-def wants_class_images(config: TrainConfig) -> bool:
-    """Whether the run draws class images: asked for, and no regularization folder of the user's. Refuses a run
-    that cannot say which words to leave out (checked when training starts, so a preset may carry the option)."""
-    if not config.num_class_images or config.reg_data_dir:
-        return False
-    if not config.trigger_words.strip():
-        raise ConfigError("num_class_images: set trigger_words to the words that name your concept; the class images are drawn "
-                          "from your captions with those words left out (or give a reg_data_dir, or set num_class_images to 0)")
-    return True
-
-
 def class_prompts(captions: list[str], trigger_words: str, count: int) -> list[str]:
     """`count` prompts: the training captions in turn, trigger words left out."""
     stripped = [without_words(caption, trigger_words) for caption in captions]

@@ -150,7 +150,13 @@ class TrainConfig:
     def draws_images(self) -> bool:
         """Whether the run makes pictures with the model (samples, class images), so needs the VAE's decoder."""
         samples = bool(self.sample_prompts) and bool(self.sample_every_n_steps or self.sample_every_n_epochs)
-        return samples or bool(self.num_class_images and not self.reg_data_dir)
+        return samples or self.draws_class_images
+
+    @property
+    def draws_class_images(self) -> bool:
+        """num_class_images applies: no regularization folder of the user's, and trigger words to leave out of the
+        captions (without them a class image would be told to look like the concept's own caption)."""
+        return bool(self.num_class_images and not self.reg_data_dir and self.trigger_words.strip())
 
     @property
     def effective_unet_lr(self) -> float:

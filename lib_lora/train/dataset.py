@@ -80,7 +80,7 @@ def plan_training(config: TrainConfig, reg_dir: Path | None = None) -> TrainingD
 def _pending_class_samples(config: TrainConfig, num_train_samples: int) -> int:
     """Samples an epoch will take from class images not drawn yet (`num_class_images`, each at the training
     resolution, balanced against the training samples as a regularization folder is), for the step math."""
-    if not config.num_class_images or config.reg_data_dir:
+    if not config.draws_class_images:
         return 0
     return sum(count for _, count in reg_repeats(num_train_samples, [(index, 1) for index in range(config.num_class_images)]))
 
@@ -184,6 +184,9 @@ def plan_warnings(config: TrainConfig, data: TrainingData, model: BaseModel | No
     (given the base model) options that do not fit it."""
     notes = [*data.train.warnings, *(data.reg.warnings if data.reg else [])]
     notes += [f"skipped unreadable file: {p}" for p in data.train.problems]
+    if config.num_class_images and not config.reg_data_dir and not config.draws_class_images:
+        notes.append("num_class_images: no class images are drawn, as there are no trigger_words to leave out of the captions; "
+                     "set trigger_words to the words that name your concept (or num_class_images to 0)")
     if config.cache_latents and config.random_crop:
         notes.append("random_crop changes the pixels every step, so latents are encoded per step, not cached")
     if not config.train_text_encoder and (config.shuffle_caption or config.caption_dropout_rate or config.caption_tag_dropout_rate):

@@ -22,7 +22,7 @@ from ..models.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..networks.embeddings import initial_embeddings
 from ..networks.network import make_network
 from .base_model import BaseModel
-from .class_images import FOLDER as CLASS_FOLDER, make_class_images, wants_class_images
+from .class_images import FOLDER as CLASS_FOLDER, make_class_images
 from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, latent_cache_bytes, plan_training, plan_warnings
@@ -81,7 +81,6 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
             on_event(event)
 
     data = plan_training(config)
-    class_images = wants_class_images(config)
     run_dir = Path(run_dir or host.runs_dir / config.output_name)
     check_for_arch(config, host.arch)
     if config.pivotal_tuning and not host.trains_embeddings:
@@ -97,7 +96,7 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
             run = RunFolder(run_dir)  # only process 0 creates and writes it
         else:
             run = RunFolder.create(run_dir, config, host.arch)
-        if class_images:
+        if config.draws_class_images:
             data = _with_class_images(config, host, data, run, emit, distributed)
         return _train_in(run, config, host, data, resume, emit, distributed)
 
