@@ -394,3 +394,15 @@ def test_a_vae_encode_while_training_gives_its_big_blocks_back_and_the_steps_kee
     done = subprocess.run([sys.executable, "-c", ONE_OFF_BLOCKS], capture_output=True, text=True, check=True, cwd=ROOT)
     inside, after = map(float, done.stdout.split())
     assert inside > 60 and after < 4
+
+
+def test_the_cli_names_a_dataset_mistake_before_loading_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from lib_lora.__main__ import main
+
+    (tmp_path / "flat").mkdir()
+    make_lora_dataset(tmp_path / "made", n_images=1, repeats=1)
+    for image in (tmp_path / "made").glob("*/*"):
+        image.rename(tmp_path / "flat" / image.name)  # images directly in the folder: kohya needs N_name subfolders
+    monkeypatch.setattr(StandaloneHost, "from_file", classmethod(lambda cls, *a, **k: pytest.fail("the checkpoint was loaded")))
+    assert main(["train", "--train_data_dir", str(tmp_path / "flat"), "--out-dir", str(tmp_path / "out")]) == 2
+    assert "holds images directly" in capsys.readouterr().err

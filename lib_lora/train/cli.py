@@ -63,6 +63,7 @@ def run_train(args) -> None:
     from ..hosts.standalone import StandaloneHost
     from ..demo.tiny import DEFAULT_CHECKPOINT
     from .distributed import device_for, from_environment
+    from .dataset import plan_training
     from .saving import hash_in_background
     from .trainer import train
 
@@ -75,6 +76,7 @@ def run_train(args) -> None:
         config = config_from_args(args)
         if not config.train_data_dir:
             raise ConfigError("train_data_dir: give the dataset folder (--train_data_dir DIR or in --config)")
+    plan_training(config)  # a dataset mistake is named before the checkpoint loads, not after (scans are cached)
     if distributed.is_main:
         hash_in_background(args.checkpoint or DEFAULT_CHECKPOINT)  # for the LoRA's metadata; overlaps the load
     host = StandaloneHost.from_file(args.checkpoint, out_dir=args.out_dir, device=device_for(distributed),
