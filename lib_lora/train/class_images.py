@@ -4,8 +4,8 @@ DreamBooth's prior preservation (diffusers' `--with_prior_preservation --num_cla
 the concept's images, the LoRA trains on what the base already draws for the same captions with the
 trigger words left out, so that it learns what the trigger adds and leaves the rest of each prompt
 to the base. Without them, a new user's LoRA takes over every prompt (bench/quality.py's `no-reg`
-variant). The images go to the run folder in kohya's layout (`class_images/1_class/`), each with its
-caption, and are reused when the run is resumed.
+variant). The images go to the run folder in kohya's layout (`<run>/class_images/1_class/`), each with
+its caption, and are reused when the run is resumed.
 """
 
 from collections.abc import Callable
@@ -26,13 +26,13 @@ def class_prompts(captions: list[str], trigger_words: str, count: int) -> list[s
     return [stripped[index % len(stripped)] for index in range(count)]
 
 
-def make_class_images(host, config: TrainConfig, captions: list[str], run_path: Path,
-                      on_progress: Callable[[int, int], None] = lambda done, total: None) -> Path:
-    """Draw the run's class images with the host's model as it is (no LoRA yet) and return the folder
-    to train on as regularization images. Image i has seed `config.seed + i`; one already there is kept."""
+def make_class_images(host, config: TrainConfig, captions: list[str], reg_dir: Path,
+                      on_progress: Callable[[int, int], None] = lambda done, total: None) -> None:
+    """Draw the run's class images with the host's model as it is (no LoRA yet) into `reg_dir`, a
+    regularization folder to train on. Image i has seed `config.seed + i`; one already there is kept."""
     if not captions:
         raise ConfigError("num_class_images: the dataset has no images to take the class prompts from")
-    folder = run_path / FOLDER / SUBSET
+    folder = reg_dir / SUBSET
     folder.mkdir(parents=True, exist_ok=True)
     width, height = config.resolution
     prompts = class_prompts(captions, config.trigger_words, config.num_class_images)
@@ -45,4 +45,3 @@ def make_class_images(host, config: TrainConfig, captions: list[str], run_path: 
             write_bytes_atomically(image_path.with_suffix(config.caption_extension), prompt.encode())
             write_atomically(image_path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         on_progress(index + 1, len(prompts))
-    return folder.parent

@@ -103,13 +103,14 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
 
 def _with_class_images(config: TrainConfig, host, data: TrainingData, run: RunFolder, emit, distributed: Distributed) -> TrainingData:
     """Draw the run's class images with the base (process 0; the others wait) and plan with them as regularization."""
+    folder = run.path / CLASS_FOLDER
     if distributed.is_main:
         def progress(done: int, total: int) -> None:
             emit(TrainEvent("prepare", done, total, message=f"class image {done}/{total} drawn with the base model"))
 
-        make_class_images(host, config, [item.caption for item in data.train.items()], run.path, progress)
+        make_class_images(host, config, [item.caption for item in data.train.items()], folder, progress)
     distributed.any(False)  # a barrier: every process reads the finished folder
-    return plan_training(config, reg_dir=run.path / CLASS_FOLDER)
+    return plan_training(config, reg_dir=folder)
 
 
 def _train_in(run: RunFolder, config: TrainConfig, host, data: TrainingData, resume: bool, emit, distributed: Distributed) -> TrainResult:
