@@ -39,8 +39,8 @@ NAME_LINE, WHY_LINE = "# preset: ", "# why: "
 # 0.91, 0.88-0.93, 0.93x (squares 0.78, near the base's own 0.75). Batch 30 is 8 steps an epoch (240
 # samples: 12 images x 10 repeats plus as many regularization samples) and takes about 2.5x batch 8's time.
 # Without a regularization folder (a new user's dataset), 48 class images drawn by the base from the
-# captions without the trigger stand in for one (held-out variants, training seed 42, bench/quality.py):
-# no-reg fidelity 0.46 -> 0.88, preservation 0.33x -> 0.65x; two-shapes 0.44 -> 0.82, 0.28x -> 0.47x.
+# captions without the trigger stand in for one (held-out variants, bench/quality.py): no-reg fidelity
+# 0.46 -> 0.82, preservation 0.33x -> 0.56x (seeds 42-43); two-shapes 0.44 -> 0.82, 0.28x -> 0.47x (seed 42).
 DEMO = dict(
     resolution=(64, 64),
     network_type="locon",
