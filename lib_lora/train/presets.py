@@ -40,7 +40,7 @@ NAME_LINE, WHY_LINE = "# preset: ", "# why: "
 # samples: 12 images x 10 repeats plus as many regularization samples) and takes about 2.5x batch 8's time.
 # Without a regularization folder (a new user's dataset), 48 class images drawn by the base from the
 # captions without the trigger stand in for one (held-out variants, bench/quality.py): no-reg fidelity
-# 0.46 -> 0.82, preservation 0.33x -> 0.56x (seeds 42-43); two-shapes 0.44 -> 0.82, 0.28x -> 0.47x (seed 42).
+# 0.46 -> 0.82, preservation 0.33x -> 0.56x; two-shapes 0.44 -> 0.81, 0.28x -> 0.45x (means of seeds 42-43).
 DEMO = dict(
     resolution=(64, 64),
     network_type="locon",
