@@ -406,3 +406,18 @@ def test_the_cli_names_a_dataset_mistake_before_loading_the_checkpoint(tmp_path,
     monkeypatch.setattr(StandaloneHost, "from_file", classmethod(lambda cls, *a, **k: pytest.fail("the checkpoint was loaded")))
     assert main(["train", "--train_data_dir", str(tmp_path / "flat"), "--out-dir", str(tmp_path / "out")]) == 2
     assert "holds images directly" in capsys.readouterr().err
+
+
+def test_a_failed_hash_is_tried_again(tmp_path, monkeypatch):
+    # a read error while hashing in the background must not stick to the file for the rest of the process
+    import hashlib
+
+    from lib_lora.train import saving
+
+    path = tmp_path / "base.safetensors"
+    path.write_bytes(b"c" * (0x110000 + 5))
+    monkeypatch.setattr(saving, "file_sha256", lambda p: (_ for _ in ()).throw(OSError("read error")))
+    with pytest.raises(OSError, match="read error"):
+        saving.checkpoint_hashes(path, path.stat().st_mtime_ns)
+    monkeypatch.undo()
+    assert saving.checkpoint_hashes(path, path.stat().st_mtime_ns)["new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()

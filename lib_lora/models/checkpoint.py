@@ -23,7 +23,7 @@ from .clip_text import TextConfig, TextEncoder
 from .open_clip_text import OpenClipConfig, OpenClipTextEncoder
 from .tensor_files import LazyTensors, read_tensor_file, write_safetensors
 from .unet import UNetConfig, UNetModel
-from .vae import SD_LATENT_SCALE, SDXL_LATENT_SCALE, AutoencoderKL, VAEConfig
+from .vae import DECODER_PREFIXES, SD_LATENT_SCALE, SDXL_LATENT_SCALE, AutoencoderKL, VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -104,9 +104,6 @@ def _open_tensors(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], 
         tensors = LazyTensors(path, CheckpointError)
         return tensors, tensors.metadata
     return read_state_dict(path)
-
-
-VAE_DECODER_KEYS = ("decoder.", "post_quant_conv.")
 
 
 class Component(Mapping):
@@ -330,7 +327,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         parameterization = "v" if arch == "sd2" and sd2_predicts_v(unet) else "eps"
     return Checkpoint(
         unet=unet,
-        vae=_build(path, AutoencoderKL, vae_config, vae_sd if vae_decoder else vae_sd.without(VAE_DECODER_KEYS), VAE_PREFIX, dtype,
+        vae=_build(path, AutoencoderKL, vae_config, vae_sd if vae_decoder else vae_sd.without(DECODER_PREFIXES), VAE_PREFIX, dtype,
                    scale_factor=scale, decoder=vae_decoder).to(device),
         text_encoder=texts[0],
         text_encoder_2=texts[1] if len(texts) > 1 else None,

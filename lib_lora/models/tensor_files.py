@@ -111,8 +111,7 @@ class LazyTensors(Mapping):
             tensor = torch.empty(shape, dtype=file_dtype)
             self._read_into(key, begin, tensor)
             return tensor
-        count = math.prod(shape)
-        nbytes = count * torch.empty((), dtype=file_dtype).element_size()
+        nbytes = math.prod(shape) * file_dtype.itemsize
         if self._staging.numel() < nbytes:
             self._staging = torch.empty(nbytes, dtype=torch.uint8)
         staged = self._staging[:nbytes].view(file_dtype).view(shape)

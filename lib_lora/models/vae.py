@@ -155,6 +155,9 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # the state-dict keys of what `decoder=False` leaves out
+
+
 class AutoencoderKL(nn.Module):
     """ldm `AutoencoderKL`: `encode` returns the posterior mean and log-variance."""
 

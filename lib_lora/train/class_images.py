@@ -14,7 +14,7 @@ from pathlib import Path
 from ..atomic import write_atomically, write_bytes_atomically
 from ..data.captions import without_words
 from ..models.pipeline import GenerationParams
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 
 FOLDER, SUBSET = "class_images", "1_class"
 STEPS, CFG_SCALE = 20, 7.0  # the webui's txt2img defaults
@@ -30,8 +30,6 @@ def make_class_images(host, config: TrainConfig, captions: list[str], reg_dir: P
                       on_progress: Callable[[int, int], None] = lambda done, total: None) -> None:
     """Draw the run's class images with the host's model as it is (no LoRA yet) into `reg_dir`, a
     regularization folder to train on. Image i has seed `config.seed + i`; one already there is kept."""
-    if not captions:
-        raise ConfigError("num_class_images: the dataset has no images to take the class prompts from")
     folder = reg_dir / SUBSET
     folder.mkdir(parents=True, exist_ok=True)
     width, height = config.resolution

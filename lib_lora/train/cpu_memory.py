@@ -11,6 +11,7 @@ peak memory: the CLI exits after its run, and a host that goes on (the webui) gi
 """
 
 import ctypes
+import functools
 import gc
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ SETTLED_MMAP_THRESHOLD = 32 << 20
 SETTLED_TRIM_THRESHOLD = 2 * SETTLED_MMAP_THRESHOLD
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """glibc, or None on other systems and libcs (musl has no mallopt or malloc_trim)."""
     if not sys.platform.startswith("linux"):

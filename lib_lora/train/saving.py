@@ -64,17 +64,19 @@ def _hashing(path: Path, mtime_ns: int) -> Future:
         future = _HASHES.get((path, mtime_ns))
         if future is None:
             future = _HASHES[(path, mtime_ns)] = Future()
-            threading.Thread(target=_compute_hashes, args=(path, future), daemon=True, name="lib_lora-hash").start()
+            threading.Thread(target=_compute_hashes, args=(path, mtime_ns, future), daemon=True, name="lib_lora-hash").start()
     return future
 
 
-def _compute_hashes(path: Path, future: Future) -> None:
+def _compute_hashes(path: Path, mtime_ns: int, future: Future) -> None:
     try:
         with open(path, "rb") as handle:
             handle.seek(LEGACY_HASH_OFFSET)
             legacy = hashlib.sha256(handle.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
         future.set_result({"sd_model_hash": legacy, "new_sd_model_hash": file_sha256(path)})
-    except BaseException as error:  # the caller that waits on the future gets it
+    except BaseException as error:  # the caller that waits on the future gets it; a later call tries again
+        with _HASHES_LOCK:
+            del _HASHES[(path, mtime_ns)]
         future.set_exception(error)
 
 
