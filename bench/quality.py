@@ -138,7 +138,8 @@ def main():
             print(f"variant {name}, training seed {seed}: {steps} steps, training and the demo's grid {seconds:.0f} s")
             print(f"  concept fidelity with trigger: {after.concept:.2f} ({len(after.images)} images; right colour {after.colour:.2f})")
             print("  by prompt: " + ", ".join(f"{prompt!r} {share:.2f}" for prompt, share in after.per_prompt.items()))
-            print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x", flush=True)
+            print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x; by shape: "
+                  + ", ".join(f"{shape} {share:.2f}" for shape, share in by_shape(with_lora).items()), flush=True)
         group = "tuned on" if VARIANTS[name].tuned else "held out"
         summaries.append(f"{name:<12} ({group}) over {len(fidelities)} training seeds: fidelity mean {statistics.mean(fidelities):.2f} "
                          f"(min {min(fidelities):.2f}), preservation mean {statistics.mean(ratios):.2f}x (min {min(ratios):.2f}x)")
