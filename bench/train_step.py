@@ -1,6 +1,7 @@
 """Training step time against its floor, on a full-size random SD1.5 checkpoint.
 
     python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder] [--count-ops]
+                               [--compile [BACKEND]]
 
 Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
 text-encoder outputs) is timed step by step from its own events; the floor is the frozen UNet's
@@ -11,6 +12,10 @@ speed drifts between minutes affects both sides of each ratio alike; the median 
 `--count-ops` also counts the ATen operations one trainer step and one floor pass dispatch (a
 TorchDispatchMode between two step events): unlike time, the count does not depend on the
 machine's load, and on a GPU at batch 1 each operation is a kernel launch the step waits for.
+`--compile` trains with `torch_compile` (the hooked UNet compiled, inductor unless named); its step is
+counted as the ATen operations that still reach the dispatcher (the compiled code's matmuls and
+convolutions, the eager text encoder and optimizer) plus the fused C++ kernels inductor generated (a
+profiler event each, `cpp.enable_kernel_profile`); the floor stays the eager UNet's.
 Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
 """
 
@@ -73,22 +78,33 @@ def floor_ops(host, size: int) -> Counter:
     return counter.counts
 
 
-def step_ops(host, size: int, rank: int, with_text_encoder: bool) -> Counter:
-    """The operations of training step 3 (from step 2's event to step 3's: its data, loss, backward, optimizer, log)."""
-    counter = OpCounter()
+def step_ops(host, size: int, rank: int, with_text_encoder: bool, backend: str | None = None) -> Counter:
+    """The operations of training step 3 (from step 2's event to step 3's: its data, loss, backward, optimizer, log);
+    compiled (`backend`), also step 4's generated kernels, as "generated kernels"."""
+    counter, profile = OpCounter(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
     def on_event(event):
         if event.kind == "step" and event.step == 2:
             counter.__enter__()
         elif event.kind == "step" and event.step == 3:
             counter.__exit__(None, None, None)
+            if backend:
+                profile.__enter__()
+        elif event.kind == "step" and event.step == 4 and backend:
+            profile.__exit__(None, None, None)
 
-    run_config(host, size, 4, rank, with_text_encoder, on_event)
+    if backend:
+        torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel a profiler event
+    run_config(host, size, 5, rank, with_text_encoder, on_event, backend=backend)
+    if backend:
+        counter.counts["generated kernels"] = sum(e.name.startswith(("cpp_fused", "triton_")) for e in profile.events())
     return counter.counts
 
 
-def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, on_event, conv_dim: int = 0) -> None:
-    """A real training run of `steps` steps on one red square (one epoch: no state saves between steps); LoCon if `conv_dim`."""
+def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, on_event, conv_dim: int = 0,
+               backend: str | None = None) -> None:
+    """A real training run of `steps` steps on one red square (one epoch: no state saves between steps); LoCon if
+    `conv_dim`; the UNet compiled with `backend` if given."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data" / f"{steps}_bench"  # one epoch: no per-epoch state saves in the timing
         folder.mkdir(parents=True)
@@ -97,17 +113,18 @@ def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, 
         config = TrainConfig(
             train_data_dir=str(folder.parent), resolution=(size, size), max_train_epochs=1,
             network_dim=rank, network_alpha=rank, network_train_unet_only=not with_text_encoder, output_dir=tmp,
-            output_name="bench", save_precision="fp16",
+            output_name="bench", save_precision="fp16", torch_compile=bool(backend), dynamo_backend=backend or "inductor",
             **({"network_type": "locon", "conv_dim": conv_dim, "conv_alpha": conv_dim} if conv_dim else {}),
         )
         train(config, host, on_event=on_event, run_dir=Path(tmp) / "run")
 
 
-def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> list[float]:
+def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool, backend: str | None = None) -> list[float]:
     """Per-step wall time of real training steps, from the trainer's own step events."""
     stamps = []
-    run_config(host, size, steps, rank, with_text_encoder, lambda e: e.kind == "step" and stamps.append(time.perf_counter()))
-    return [b - a for a, b in zip(stamps, stamps[1:])]  # step 1 also encodes the latent: left out
+    run_config(host, size, steps, rank, with_text_encoder, lambda e: e.kind == "step" and stamps.append(time.perf_counter()),
+               backend=backend)
+    return [b - a for a, b in zip(stamps, stamps[1:])]  # step 1 also encodes the latent (and compiles): left out
 
 
 def main():
@@ -118,6 +135,7 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--with-text-encoder", action="store_true")
     parser.add_argument("--count-ops", action="store_true", help="count the ATen operations of one step and of the floor, then exit")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="train with torch_compile (default backend inductor)")
     args = parser.parse_args()
     if not CHECKPOINT.exists():
         CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +145,7 @@ def main():
         keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
     if args.count_ops:
-        floor, step = floor_ops(host, args.size), step_ops(host, args.size, args.rank, args.with_text_encoder)
+        floor, step = floor_ops(host, args.size), step_ops(host, args.size, args.rank, args.with_text_encoder, args.compile)
         print(f"ATen operations: floor {sum(floor.values())}, trainer step {sum(step.values())}, "
               f"ratio {sum(step.values()) / sum(floor.values()):.2f}x")
         extra = step - floor
@@ -136,7 +154,7 @@ def main():
     floor_times(host, args.size, 1)  # warm-up
     before, floor, ours, ratios = floor_times(host, args.size, args.steps // 2), [], [], []
     for _ in range(args.rounds):
-        steps = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder)
+        steps = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder, args.compile)
         after = floor_times(host, args.size, args.steps // 2)
         ratios.append(statistics.median(steps) / statistics.median(before + after))  # against the floor around it
         floor, ours, before = floor + after, ours + steps, after

@@ -278,6 +278,29 @@ def test_masked_loss_and_noise_options_run(dataset, host):
     assert math.isfinite(result.last_loss)
 
 
+def test_a_compiled_unet_traces_the_adapters_in_one_graph_and_trains_alike(dataset, tiny_checkpoint_path, tmp_path):
+    """torch_compile: the hooked UNet is one graph (a break per adapter would make every layer a compile of its own
+    and the step slower than eager) and the run's losses and LoRA equal eager's. aot_eager traces as inductor does,
+    without its minutes of C++ code generation."""
+    from torch._dynamo.utils import counters
+
+    config = config_for(dataset, trigger_words="zkz")
+    runs = {}
+    for compiled in (False, True):
+        losses, host = [], StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / str(compiled), device="cpu")
+        torch._dynamo.reset()
+        counters.clear()
+        result = train(config.replace(torch_compile=compiled, dynamo_backend="aot_eager"), host,
+                       on_event=lambda e: e.kind == "step" and losses.append(e.loss))
+        runs[compiled] = losses, load_file(result.final_path), dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    (eager_losses, eager_lora, _, eager_graphs), (losses, lora, breaks, graphs) = runs[False], runs[True]
+    assert eager_graphs == 0 and graphs == 1 and not breaks, (graphs, breaks)
+    assert losses == pytest.approx(eager_losses, abs=1e-5) and len(losses) == 4
+    assert lora.keys() == eager_lora.keys()
+    assert all(torch.allclose(lora[k].float(), eager_lora[k].float(), atol=1e-5) for k in lora)
+
+
 def test_epoch_saves_keep_only_the_last_k(dataset, host):
     train(config_for(dataset, max_train_epochs=4, save_every_n_epochs=1, save_last_n_epochs=2), host)
     names = sorted(p.name for p in host.lora_dir.glob("*.safetensors"))

@@ -106,8 +106,12 @@ class AdapterModule(nn.Module):
     def scale(self) -> float:
         """alpha / rank, cached as a Python float: reading a CUDA alpha every forward would sync the GPU."""
         if self._scale is None:
-            self._scale = lora_scale(self.alpha_value, self.rank)
+            self.cache_scale()
         return self._scale
+
+    def cache_scale(self) -> None:
+        """Read alpha / rank into the Python float now: torch.compile cannot trace the tensor read in a forward."""
+        self._scale = lora_scale(self.alpha_value, self.rank)
 
     def _forget_scale(self, *_) -> None:
         self._scale = None  # load_state_dict may bring another alpha
