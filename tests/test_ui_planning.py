@@ -45,6 +45,7 @@ def test_step_math_counts_regularization_samples_apart(dataset, tmp_path):
     (dict(optimizer_type="Prodigy", learning_rate=1e-4), "Prodigy adapts the step size"),
     (dict(optimizer_type="Prodigy", learning_rate=5.0), "learning_rate 5 is outside 0.1..2"),
     (dict(optimizer_type="Lion", learning_rate=1e-3), "usual range for Lion"),
+    (dict(torch_compile=True, module_dropout=0.1), "breaks torch_compile's graph at every module"),
 ])
 def test_option_warnings(dataset, changes, expected):
     for folder in (str(dataset), ""):  # with and without a dataset chosen

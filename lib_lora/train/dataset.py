@@ -193,6 +193,9 @@ def plan_warnings(config: TrainConfig, data: TrainingData, model: BaseModel | No
         notes.append("captions change every step (shuffle/dropout), so text-encoder outputs are encoded per step, not cached")
     if config.optimizer_type == "Prodigy" and config.learning_rate < 0.1:
         notes.append(f"Prodigy adapts the step size itself and expects learning_rate ~1.0; {config.learning_rate} will barely train")
+    if config.torch_compile and config.module_dropout:
+        notes.append("module_dropout skips modules at random, which breaks torch_compile's graph at every module: the step "
+                     "then runs slower than without torch_compile; set one of them to 0")
     if config.network_alpha > config.network_dim:
         notes.append(f"network_alpha {config.network_alpha} > network_dim {config.network_dim}: scale > 1 amplifies the update")
     return notes + model_warnings(config, model)
