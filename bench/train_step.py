@@ -66,6 +66,10 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.counts = Counter()
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # compiled code runs (dynamo would fall back to eager under a mode that sees its insides)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
@@ -80,22 +84,19 @@ def floor_ops(host, size: int) -> Counter:
 
 def step_ops(host, size: int, rank: int, with_text_encoder: bool, backend: str | None = None) -> Counter:
     """The operations of training step 3 (from step 2's event to step 3's: its data, loss, backward, optimizer, log);
-    compiled (`backend`), also step 4's generated kernels, as "generated kernels"."""
+    compiled (`backend`), also the kernels inductor generated that it ran, as "generated kernels"."""
     counter, profile = OpCounter(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    spans = (counter, profile) if backend else (counter,)
 
     def on_event(event):
         if event.kind == "step" and event.step == 2:
-            counter.__enter__()
+            [span.__enter__() for span in spans]
         elif event.kind == "step" and event.step == 3:
-            counter.__exit__(None, None, None)
-            if backend:
-                profile.__enter__()
-        elif event.kind == "step" and event.step == 4 and backend:
-            profile.__exit__(None, None, None)
+            [span.__exit__(None, None, None) for span in spans]
 
     if backend:
-        torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel a profiler event
-    run_config(host, size, 5, rank, with_text_encoder, on_event, backend=backend)
+        torch._inductor.config.cpp.enable_kernel_profile = True  # each generated C++ kernel a profiler event
+    run_config(host, size, 4, rank, with_text_encoder, on_event, backend=backend)
     if backend:
         counter.counts["generated kernels"] = sum("cpp_fused" in e.name or e.name.startswith("triton_") for e in profile.events())
     return counter.counts

@@ -218,7 +218,7 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
     scaler = _grad_scaler(config, host)
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
-    unet = _compiled_unet(host, network, config.dynamo_backend) if config.torch_compile else host.unet
+    compiled = _CompiledForwards(host, network, config.dynamo_backend, text_cache is None) if config.torch_compile else nullcontext()
     total = data.steps.total_steps
     last_loss, tick, batches = None, time.perf_counter(), []
     network.train()
@@ -231,7 +231,8 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
                 rows = distributed.rows(len(samples))  # this process's share of the batch (all of it in one process)
                 batch = encoder.encode(samples, data_rng, rows)
                 noise, timesteps = _draw_noise(config, distributed.agree_shape(batch.latents.shape[1:]), len(samples), noise_rng)
-                loss = _loss(config, host, unet, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
+                with compiled:
+                    loss = _loss(config, host, schedule, batch, noise[rows], timesteps[rows], text_cache, network) if len(batch.captions) else None
                 batch_loss = distributed.total(0.0 if loss is None else loss.item())  # the whole batch's mean loss
                 if not math.isfinite(batch_loss):
                     raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
@@ -266,12 +267,29 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
         raise _out_of_memory(config, network, saver, progress, save_state, emit, e) from e
 
 
-def _compiled_unet(host, network, backend: str):
-    """The host's UNet with the adapters' hooks, compiled on its first call (torch.compile; each new latent size compiles
-    again). The adapters' scales are read first, so that no tensor read breaks the graph at every adapter."""
-    for adapter in network.adapters():
-        adapter.cache_scale()
-    return torch.compile(host.unet, backend=backend)
+class _CompiledForwards:
+    """torch_compile: the forwards of the UNet (and of the text encoders, where they run every step) compiled with the
+    adapters' hooks inside, put in place only around a training step's forward, so that samples, validation and class
+    images run the modules as they are. Each compiles on its first step (again at each new latent size); the adapters'
+    scales are read first, as a tensor read inside the graph would break it at every adapter."""
+
+    def __init__(self, host, network, backend: str, text_encoders: bool):
+        modules = [host.unet, *([m.module for m in host.text_encoders] if text_encoders else [])]
+        for adapter in network.adapters():
+            adapter.cache_scale()
+        self.compiled = {module: torch.compile(module.forward, backend=backend) for module in modules}
+        self.own = {module: vars(module).get("forward") for module in modules}  # a host may have patched one
+
+    def __enter__(self) -> None:
+        for module, forward in self.compiled.items():
+            module.forward = forward
+
+    def __exit__(self, *exc) -> None:
+        for module, own in self.own.items():
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def _check_latent_cache_room(encoder: BatchEncoder, data: TrainingData, config: TrainConfig) -> None:
@@ -328,15 +346,13 @@ def _same_length_cat(parts: list[Conditioning]) -> Conditioning:
     return Conditioning.cat(padded)
 
 
-def _predict(host, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, size_info: torch.Tensor, unet=None) -> torch.Tensor:
-    """The UNet's output (of `unet`, the host's own or its compiled form); SDXL also gets its vector y (pooled text
-    + each sample's size and crop)."""
-    unet = host.unet if unet is None else unet
+def _predict(host, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, size_info: torch.Tensor) -> torch.Tensor:
+    """The UNet's output; SDXL also gets its vector y (pooled text + each sample's size and crop)."""
     context = cond.context.to(host.dtype)
     if cond.pooled is None:
-        return unet(noisy.to(host.dtype), timesteps, context)
+        return host.unet(noisy.to(host.dtype), timesteps, context)
     y = sdxl_vector(cond.pooled, size_info[:, 0:2], size_info[:, 2:4], size_info[:, 4:6]).to(host.dtype)
-    return unet(noisy.to(host.dtype), timesteps, context, y)
+    return host.unet(noisy.to(host.dtype), timesteps, context, y)
 
 
 def _draw_noise(config: TrainConfig, latent_shape: torch.Size, batch_size: int, noise_rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,7 +365,7 @@ def _draw_noise(config: TrainConfig, latent_shape: torch.Size, batch_size: int, 
     return noise, torch.randint(config.min_timestep, config.max_timestep, (batch_size,), generator=noise_rng)
 
 
-def _loss(config: TrainConfig, host, unet, schedule: NoiseSchedule, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, text_cache,
+def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, text_cache,
           network) -> torch.Tensor:
     """One micro-batch (or a process's rows of it): noise the latents, predict, weighted MSE against the target,
     summed over the rows and divided by the whole batch's size (one process: the mean)."""
@@ -359,7 +375,7 @@ def _loss(config: TrainConfig, host, unet, schedule: NoiseSchedule, batch: Batch
     noisy = add_noise(latents, noise, alphas.to(host.device), timesteps.to(host.device))
     with _autocast(config, host):
         cond = _encode_text(config, host, batch.captions, text_cache, network)
-        prediction = _predict(host, noisy, timesteps.to(host.device), cond, batch.size_info, unet)
+        prediction = _predict(host, noisy, timesteps.to(host.device), cond, batch.size_info)
     target = training_target(latents, noise, alphas.to(host.device), timesteps.to(host.device), schedule.parameterization)
     per_sample = masked_mse(prediction, target, None if batch.masks is None else batch.masks.to(host.device))
     weights = torch.where(batch.is_reg, config.prior_loss_weight, 1.0).to(host.device)
