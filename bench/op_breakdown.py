@@ -25,19 +25,12 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from train_step import CHECKPOINT, floor_ops, run_config  # noqa: E402
+from train_step import CHECKPOINT, floor_ops, run_config, views  # noqa: E402
 from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_lora.networks.base import AdapterModule, layer_kind  # noqa: E402
 
-VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "slice", "select", "detach",
-         "as_strided", "alias", "split", "split_with_sizes", "unbind"}
 STACK_SOURCES = (("torch/optim/", "optimizer step"), ("clip_grad", "grad clipping"), ("zero_grad", "grad zeroing"),
                  ("_engine_run_backward", "backward: engine gradient sums (between nodes)"))
-
-
-def views(ops: Counter) -> int:
-    """Ops that launch no kernel on a GPU (views, transposes, detach): dispatched, counted, but metadata only."""
-    return sum(n for name, n in ops.items() if name.split(".")[-1] in VIEWS)
 
 
 def adapter_source(module: AdapterModule, layer) -> str:

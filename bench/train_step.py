@@ -40,6 +40,13 @@ from lib_lora.train.trainer import train  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "slice", "select", "detach",
+         "as_strided", "alias", "split", "split_with_sizes", "unbind"}
+
+
+def views(ops: Counter) -> int:
+    """Ops that launch no kernel on a GPU (views, transposes, detach): dispatched, counted, but metadata only."""
+    return sum(n for name, n in ops.items() if name.split(".")[-1] in VIEWS)
 
 
 def floor_times(host, size: int, runs: int) -> list[float]:
@@ -147,8 +154,8 @@ def main():
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
     if args.count_ops:
         floor, step = floor_ops(host, args.size), step_ops(host, args.size, args.rank, args.with_text_encoder, args.compile)
-        print(f"ATen operations: floor {sum(floor.values())}, trainer step {sum(step.values())}, "
-              f"ratio {sum(step.values()) / sum(floor.values()):.2f}x")
+        print(f"ATen operations: floor {sum(floor.values())} ({views(floor)} views), trainer step {sum(step.values())} "
+              f"({views(step)} views), ratio {sum(step.values()) / sum(floor.values()):.2f}x")
         extra = step - floor
         print("most added by the step: " + ", ".join(f"{name} +{n}" for name, n in extra.most_common(12)))
         return
