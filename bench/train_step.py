@@ -127,12 +127,13 @@ def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, 
         train(config, host, on_event=on_event, run_dir=Path(tmp) / "run")
 
 
-def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool, backend: str | None = None) -> list[float]:
-    """Per-step wall time of real training steps, from the trainer's own step events."""
-    stamps = []
+def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: bool, backend: str | None = None) -> tuple[list[float], float]:
+    """Per-step wall time of real training steps, from the trainer's own step events, and the time from the run's
+    start to its first step (which also encodes the latent, and compiles)."""
+    stamps = [time.perf_counter()]
     run_config(host, size, steps, rank, with_text_encoder, lambda e: e.kind == "step" and stamps.append(time.perf_counter()),
                backend=backend)
-    return [b - a for a, b in zip(stamps, stamps[1:])]  # step 1 also encodes the latent (and compiles): left out
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])], stamps[1] - stamps[0]
 
 
 def main():
@@ -160,14 +161,16 @@ def main():
         print("most added by the step: " + ", ".join(f"{name} +{n}" for name, n in extra.most_common(12)))
         return
     floor_times(host, args.size, 1)  # warm-up
-    before, floor, ours, ratios = floor_times(host, args.size, args.steps // 2), [], [], []
+    before, floor, ours, ratios, firsts = floor_times(host, args.size, args.steps // 2), [], [], [], []
     for _ in range(args.rounds):
-        steps = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder, args.compile)
+        steps, first = trainer_times(host, args.size, args.steps + 1, args.rank, args.with_text_encoder, args.compile)
+        firsts.append(first)
         after = floor_times(host, args.size, args.steps // 2)
         ratios.append(statistics.median(steps) / statistics.median(before + after))  # against the floor around it
         floor, ours, before = floor + after, ours + steps, after
     print(f"floor (UNet fwd+bwd wrt input), median of {len(floor)}: {statistics.median(floor) * 1000:.0f} ms")
     print(f"trainer step, rank {args.rank}{' + text encoder' if args.with_text_encoder else ''}, median of {len(ours)}: {statistics.median(ours) * 1000:.0f} ms")
+    print(f"from train() to the first step (latent encode{', compile' if args.compile else ''}), median: {statistics.median(firsts):.1f} s")
     print(f"ratio trainer / floor per round: {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"ratio trainer / floor, median of rounds: {statistics.median(ratios):.3f}x")
 
