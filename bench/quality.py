@@ -25,6 +25,7 @@ bundled in its file, which the measurement's `<lora:NAME:1>` brings into the pro
 
 import argparse
 import statistics
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -33,7 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib_lora.demo.analyzer import analyze  # noqa: E402
 from lib_lora.demo.main_job import concept_prompts, measure, run_demo  # noqa: E402
+from lib_lora.grid import image_grid  # noqa: E402
 from lib_lora.demo.world import SEEN_COLOURS, SEEN_SHAPES  # noqa: E402
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT  # noqa: E402
 from lib_lora.models.checkpoint import load_checkpoint  # noqa: E402
@@ -74,6 +77,25 @@ def base_prompts() -> list[tuple[str, str, str]]:
 def by_shape(fidelity) -> dict[str, float]:
     """Share right per seen shape over all seen colours: a LoRA's shapes stay near the base's own (squares 0.78 vs 0.75)."""
     return {shape: statistics.mean(fidelity.per_prompt[f"a {c} {shape}"] for c in SEEN_COLOURS) for shape in SEEN_SHAPES}
+
+
+def readings(images) -> str:
+    """What the analyzer read in the images, shapes and rejection reasons counted: why a figure is low."""
+    results = [analyze(image) for image in images]
+    shapes = Counter(r.shape or "rejected" for r in results)
+    reasons = Counter(r.reason.split(":")[0] for r in results if r.shape is None)
+    return (f"read as: {', '.join(f'{k} {n}' for k, n in shapes.most_common())}; rejected for: "
+            f"{', '.join(f'{k} {n}' for k, n in reasons.most_common(4)) or 'none'}")
+
+
+def save_grid(path: Path, fidelity, concept: str) -> None:
+    """The concept prompts' images with the LoRA, a row per prompt (to look at what the figures count)."""
+    prompts = concept_prompts(concept)
+    per_row = len(fidelity.images) // len(prompts)
+    rows = [fidelity.images[i * per_row : (i + 1) * per_row] for i in range(len(prompts))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, [p for p, _, _ in prompts], [""] * per_row, scale=2).save(path)
+    print(f"  images: {path}")
 
 
 def parse_overrides(pairs: list[str], pivotal: dict | None = None) -> dict:
@@ -120,6 +142,7 @@ def main():
     parser.add_argument("--init-word", help="word the trigger's embedding starts from (default: TrainConfig's, '*')")
     parser.add_argument("--embedding-lr", type=float, help="the embedding's learning rate (default: TrainConfig's embedding_lr)")
     parser.add_argument("--vectors", type=int, default=1, help="vectors of the trigger's embedding (num_vectors_per_token)")
+    parser.add_argument("--grids", type=Path, help="folder to save each run's concept images in, a row per prompt")
     args = parser.parse_args()
     changes = parse_overrides(args.set, pivotal_options(args))
     concept_seeds, base_seeds = [200 + i for i in range(args.concept_seeds)], [100 + i for i in range(args.seeds)]
@@ -138,6 +161,9 @@ def main():
             print(f"variant {name}, training seed {seed}: {steps} steps, training and the demo's grid {seconds:.0f} s")
             print(f"  concept fidelity with trigger: {after.concept:.2f} ({len(after.images)} images; right colour {after.colour:.2f})")
             print("  by prompt: " + ", ".join(f"{prompt!r} {share:.2f}" for prompt, share in after.per_prompt.items()))
+            print("  " + readings(after.images))
+            if args.grids:
+                save_grid(args.grids / f"{args.concept}-{name}-seed{seed}.png", after, args.concept)
             print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x; by shape: "
                   + ", ".join(f"{shape} {share:.2f}" for shape, share in by_shape(with_lora).items()), flush=True)
         group = "tuned on" if VARIANTS[name].tuned else "held out"
