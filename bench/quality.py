@@ -166,6 +166,7 @@ def main():
                 save_grid(args.grids / f"{args.concept}-{name}-seed{seed}.png", after, args.concept)
             print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x; by shape: "
                   + ", ".join(f"{shape} {share:.2f}" for shape, share in by_shape(with_lora).items()), flush=True)
+            print("  base prompts with the LoRA " + readings(with_lora.images), flush=True)
         group = "tuned on" if VARIANTS[name].tuned else "held out"
         summaries.append(f"{name:<12} ({group}) over {len(fidelities)} training seeds: fidelity mean {statistics.mean(fidelities):.2f} "
                          f"(min {min(fidelities):.2f}), preservation mean {statistics.mean(ratios):.2f}x (min {min(ratios):.2f}x)")
