@@ -21,7 +21,7 @@ from .names import ALLOWED, name_problem
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
-DYNAMO_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.compile's own backends, as kohya's --dynamo_backend
+DYNAMO_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile's own backends that run on any device (kohya's --dynamo_backend)
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
 CONV_NETWORK_TYPES = frozenset({"locon", "loha", "lokr"})  # those with 3x3-conv targets (LyCORIS's `full` preset)
@@ -116,8 +116,9 @@ class TrainConfig:
     lr_scheduler_power: float = _opt(1.0, "power for polynomial")
     mixed_precision: str = _opt("no", "autocast dtype on CUDA (fp16 uses loss scaling)", choices=PRECISIONS)
     gradient_checkpointing: bool = _opt(False, "recompute UNet blocks in backward to save memory")
-    torch_compile: bool = _opt(False, "compile the UNet with its LoRA hooks (torch.compile): fewer, fused kernels per step "
-                                      "after a compile of minutes at the first step and at each new image size")
+    torch_compile: bool = _opt(False, "compile the UNet and the trained text encoder with their LoRA hooks (torch.compile): "
+                                      "fewer, fused kernels per step after a compile of minutes at the first step and at "
+                                      "each new image size")
     dynamo_backend: str = _opt("inductor", "torch.compile backend (inductor generates fused kernels; aot_eager only traces)",
                                choices=DYNAMO_BACKENDS)
     max_grad_norm: float = _opt(1.0, "clip gradients to this norm (0 = off)")
