@@ -2,6 +2,7 @@
 
     python bench/quality.py [--concept purple|star] [--variant NAME|held-out|all] [--train-seeds 1] [--concept-seeds 32]
                             [--seeds 4] [--set KEY=VALUE ...] [--pivotal [--init-word WORD] [--embedding-lr LR] [--vectors N]]
+                            [--grids DIR]
 
 Trains the demo LoRA (12 images of a concept the base never saw, trigger "zkz") with the demo
 preset (`lib_lora.train.presets.DEMO`, overridable with --set). First it prints how well the base
@@ -21,6 +22,8 @@ regularization folder as a new user has none) say whether it holds on data it wa
 runs them all and `all` the demo's too, each reported on its own line and summarised per group.
 `--pivotal` adds pivotal tuning: the trigger "zkz" gets an embedding of its own, learnt with the LoRA and
 bundled in its file, which the measurement's `<lora:NAME:1>` brings into the prompts (as in the webui).
+Each run also prints what the analyzer read in the images (shapes, rejection reasons); `--grids DIR` saves
+the concept images, a row per prompt, to look at what the figures count.
 """
 
 import argparse
