@@ -23,7 +23,7 @@ from lib_lora.networks.errors import LoraFormatError, PromptSyntaxError
 from lib_lora.networks.files import LoraFile, load_lora
 from lib_lora.networks.prompt import extract_lora_tags
 from lib_lora.train.config import ConfigError, TrainConfig
-from lib_lora.train.presets import Preset, list_presets, load_preset, save_preset
+from lib_lora.train.presets import BUILTIN_PRESETS, Preset, list_presets, load_preset, save_preset
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=200,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -203,8 +203,12 @@ def test_every_text_option_survives_the_toml_round_trip(tmp_path_factory, text):
     assert TrainConfig.from_toml(path) == config
 
 
+BUILTIN_NAMES = {name.lower() for name in BUILTIN_PRESETS}
+
+
 @FUZZ
-@given(name=st.text(min_size=1, max_size=20).filter(lambda n: any(ch.isalnum() and ch.isascii() for ch in n)),
+@given(name=st.text(min_size=1, max_size=20).filter(lambda n: any(ch.isalnum() and ch.isascii() for ch in n)
+                                                      and n.strip().lower() not in BUILTIN_NAMES),  # those are refused
        why=st.text(max_size=30), comment=st.text(max_size=20))
 def test_a_saved_preset_loads_back_with_its_values_and_a_one_line_name(tmp_path_factory, name, why, comment):
     preset = Preset(name, {"init_word": comment, "network_dim": 8}, why)
