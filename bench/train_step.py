@@ -96,10 +96,11 @@ def step_ops(host, size: int, rank: int, with_text_encoder: bool, backend: str |
     spans = (counter, profile) if backend else (counter,)
 
     def on_event(event):
-        if event.kind == "step" and event.step == 2:
-            [span.__enter__() for span in spans]
-        elif event.kind == "step" and event.step == 3:
-            [span.__exit__(None, None, None) for span in spans]
+        for span in spans:
+            if event.kind == "step" and event.step == 2:
+                span.__enter__()
+            elif event.kind == "step" and event.step == 3:
+                span.__exit__(None, None, None)
 
     if backend:
         torch._inductor.config.cpp.enable_kernel_profile = True  # each generated C++ kernel a profiler event
