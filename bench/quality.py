@@ -28,10 +28,10 @@ the concept images, a row per prompt, to look at what the figures count.
 
 import argparse
 import statistics
-from collections import Counter
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
