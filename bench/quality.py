@@ -37,7 +37,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_lora.demo.analyzer import analyze  # noqa: E402
 from lib_lora.demo.main_job import concept_prompts, measure, run_demo  # noqa: E402
 from lib_lora.grid import image_grid  # noqa: E402
 from lib_lora.demo.world import SEEN_COLOURS, SEEN_SHAPES  # noqa: E402
@@ -82,9 +81,9 @@ def by_shape(fidelity) -> dict[str, float]:
     return {shape: statistics.mean(fidelity.per_prompt[f"a {c} {shape}"] for c in SEEN_COLOURS) for shape in SEEN_SHAPES}
 
 
-def readings(images) -> str:
+def readings(fidelity) -> str:
     """What the analyzer read in the images, shapes and rejection reasons counted: why a figure is low."""
-    results = [analyze(image) for image in images]
+    results = fidelity.analyses
     shapes = Counter(r.shape or "rejected" for r in results)
     reasons = Counter(r.reason.split(":")[0] for r in results if r.shape is None)
     return (f"read as: {', '.join(f'{k} {n}' for k, n in shapes.most_common())}; rejected for: "
@@ -164,12 +163,12 @@ def main():
             print(f"variant {name}, training seed {seed}: {steps} steps, training and the demo's grid {seconds:.0f} s")
             print(f"  concept fidelity with trigger: {after.concept:.2f} ({len(after.images)} images; right colour {after.colour:.2f})")
             print("  by prompt: " + ", ".join(f"{prompt!r} {share:.2f}" for prompt, share in after.per_prompt.items()))
-            print("  " + readings(after.images))
+            print("  " + readings(after))
             if args.grids:
                 save_grid(args.grids / f"{args.concept}-{name}-seed{seed}.png", after, args.concept)
             print(f"  prior preservation: base prompts {with_lora.concept:.2f} with the LoRA -> {ratio:.2f}x; by shape: "
                   + ", ".join(f"{shape} {share:.2f}" for shape, share in by_shape(with_lora).items()), flush=True)
-            print("  base prompts with the LoRA " + readings(with_lora.images), flush=True)
+            print("  base prompts with the LoRA " + readings(with_lora), flush=True)
         group = "tuned on" if VARIANTS[name].tuned else "held out"
         summaries.append(f"{name:<12} ({group}) over {len(fidelities)} training seeds: fidelity mean {statistics.mean(fidelities):.2f} "
                          f"(min {min(fidelities):.2f}), preservation mean {statistics.mean(ratios):.2f}x (min {min(ratios):.2f}x)")

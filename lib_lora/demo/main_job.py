@@ -31,6 +31,7 @@ class Fidelity:
     colour: float  # share whose colour is the prompted one
     images: list  # PIL images, prompt-major
     per_prompt: dict[str, float]  # prompt -> share of its images that show the concept
+    analyses: list  # the analyzer's reading of each image (shape, colour, or why it was rejected)
 
 
 def make_reg_dataset(out_dir: Path, n_images: int = 48, seed: int = 1000) -> Path:
@@ -54,7 +55,7 @@ def concept_prompts(concept: str, trigger: str = TRIGGER) -> list[tuple[str, str
 
 def measure(ckpt: Checkpoint, prompts: list[tuple[str, str, str]], seeds, *, lora: str = "", lora_dirs=(), steps: int = 20) -> Fidelity:
     """Generate every prompt at every seed (optionally with `<lora:NAME:1>`) and score with the analyzer."""
-    images, per_prompt, colour_hits = [], {}, 0
+    images, analyses, per_prompt, colour_hits = [], [], {}, 0
     for prompt, colour, shape in prompts:
         hits = 0
         for seed in seeds:
@@ -64,9 +65,10 @@ def measure(ckpt: Checkpoint, prompts: list[tuple[str, str, str]], seeds, *, lor
             hits += result.shape == shape and result.colour == colour
             colour_hits += result.colour == colour
             images.append(image)
+            analyses.append(result)
         per_prompt[prompt] = hits / len(seeds)
     n = len(prompts) * len(seeds)
-    return Fidelity(sum(per_prompt.values()) / len(prompts), colour_hits / n, images, per_prompt)
+    return Fidelity(sum(per_prompt.values()) / len(prompts), colour_hits / n, images, per_prompt, analyses)
 
 
 def fresh_name(folder: Path, stem: str) -> str:
