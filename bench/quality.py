@@ -20,7 +20,9 @@ draw: between training seeds fidelity moves by up to +-0.03 (+-0.1 at batch 8), 
 dataset only, so the held-out variants (other backgrounds, the concept shown with fewer shapes, no
 regularization folder as a new user has none) say whether it holds on data it was not tuned on; `held-out`
 runs them all and `all` the demo's too, each reported on its own line and summarised per group.
-`--pivotal` adds pivotal tuning: the trigger "zkz" gets an embedding of its own, learnt with the LoRA and
+The star, a new shape, is learnt by the UNet's convs and needs their lr raised (`--set learning_rate=4e-3`:
+fidelity 0.59-0.68 over three training seeds, at a cost to the base's other polygons; RESULTS.md). `--pivotal`
+adds pivotal tuning: the trigger "zkz" gets an embedding of its own, learnt with the LoRA and
 bundled in its file, which the measurement's `<lora:NAME:1>` brings into the prompts (as in the webui).
 Each run also prints what the analyzer read in the images (shapes, rejection reasons); `--grids DIR` saves
 the concept images, a row per prompt, to look at what the figures count.
