@@ -20,6 +20,7 @@ Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -93,14 +94,14 @@ def step_ops(host, size: int, rank: int, with_text_encoder: bool, backend: str |
     """The operations of training step 3 (from step 2's event to step 3's: its data, loss, backward, optimizer, log);
     compiled (`backend`), also the kernels inductor generated that it ran, as "generated kernels"."""
     counter, profile = OpCounter(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    spans = (counter, profile) if backend else (counter,)
+    spans, open_spans = (counter, profile) if backend else (counter,), contextlib.ExitStack()
 
     def on_event(event):
-        for span in spans:
-            if event.kind == "step" and event.step == 2:
-                span.__enter__()
-            elif event.kind == "step" and event.step == 3:
-                span.__exit__(None, None, None)
+        if event.kind == "step" and event.step == 2:
+            for span in spans:
+                open_spans.enter_context(span)
+        elif event.kind == "step" and event.step == 3:
+            open_spans.close()  # in reverse order
 
     if backend:
         torch._inductor.config.cpp.enable_kernel_profile = True  # each generated C++ kernel a profiler event
