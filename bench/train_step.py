@@ -2,6 +2,8 @@
 
     python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder] [--count-ops]
                                [--compile [BACKEND]]
+    python bench/train_step.py --table [--steps 5] [--models sd15 sdxl] [--sizes 256 512] [--batches 1 4]
+                               [--networks lora16 locon16/8] [--text-encoder off on] [--checkpointing off on]
 
 Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
 text-encoder outputs) is timed step by step from its own events; the floor is the frozen UNet's
@@ -16,16 +18,25 @@ machine's load, and on a GPU at batch 1 each operation is a kernel launch the st
 counted as the ATen operations that still reach the dispatcher (the compiled code's matmuls and
 convolutions, the eager text encoder and optimizer) plus the fused C++ kernels inductor generated (a
 profiler event each, `cpp.enable_kernel_profile`); the floor stays the eager UNet's.
-Writes bench/out/sd15-random.safetensors (2 GB) on first use; never commit it.
+`--table` prints one row per combination of its options, each measured by a fresh process (`measure_row`):
+step and floor times and their ratio, ATen ops and FLOPs against the floor's, the optimizer step's share of
+a step, the process's peak memory and the seconds from its start to the first finished step.
+Writes bench/out/sd15-random.safetensors (2 GB; sdxl-random 7 GB for `--models sdxl`) on first use; never commit them.
 """
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,8 +48,10 @@ from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_lora.models.architectures import write_random_checkpoint  # noqa: E402
 from lib_lora.train.config import TrainConfig  # noqa: E402
 from lib_lora.train.cpu_memory import keep_freed_memory  # noqa: E402
+from lib_lora.train import trainer  # noqa: E402
 from lib_lora.train.trainer import train  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "slice", "select", "detach",
@@ -50,16 +63,17 @@ def views(ops: Counter) -> int:
     return sum(n for name, n in ops.items() if name.split(".")[-1] in VIEWS)
 
 
-def floor_times(host, size: int, runs: int) -> list[float]:
-    """Forward + backward of the frozen UNet with respect to its input only."""
-    latent = size // 8
-    x = torch.randn(1, 4, latent, latent, device=host.device, dtype=host.dtype, requires_grad=True)
-    t = torch.tensor([500], device=host.device)
-    context = torch.randn(1, 77, 768, device=host.device, dtype=host.dtype)
+def floor_times(host, size: int, runs: int, batch: int = 1) -> list[float]:
+    """Forward + backward of the frozen UNet with respect to its input only (SDXL's with its vector y)."""
+    latent, config = size // 8, host.unet.config
+    x = torch.randn(batch, 4, latent, latent, device=host.device, dtype=host.dtype, requires_grad=True)
+    t = torch.full((batch,), 500, device=host.device)
+    context = torch.randn(batch, 77, config.context_dim, device=host.device, dtype=host.dtype)
+    y = torch.randn(batch, config.adm_in_channels, device=host.device, dtype=host.dtype) if config.adm_in_channels else None
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        host.unet(x, t, context).float().square().mean().backward()
+        host.unet(x, t, context, y).float().square().mean().backward()
         if host.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -112,16 +126,18 @@ def step_ops(host, size: int, rank: int, with_text_encoder: bool, backend: str |
 
 
 def run_config(host, size: int, steps: int, rank: int, with_text_encoder: bool, on_event, conv_dim: int = 0,
-               backend: str | None = None) -> None:
-    """A real training run of `steps` steps on one red square (one epoch: no state saves between steps); LoCon if
-    `conv_dim`; the UNet compiled with `backend` if given."""
+               backend: str | None = None, batch: int = 1, checkpointing: bool = False) -> None:
+    """A real training run of `steps` steps of `batch` red squares (one epoch: no state saves between steps); LoCon
+    if `conv_dim`; the UNet compiled with `backend` if given; with gradient checkpointing if `checkpointing`."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data" / f"{steps}_bench"  # one epoch: no per-epoch state saves in the timing
         folder.mkdir(parents=True)
-        Image.new("RGB", (size, size), (200, 40, 40)).save(folder / "a.png")
-        (folder / "a.txt").write_text("a red square")
+        for index in range(batch):
+            Image.new("RGB", (size, size), (200, 40 + index, 40)).save(folder / f"{index}.png")
+            (folder / f"{index}.txt").write_text("a red square")
         config = TrainConfig(
-            train_data_dir=str(folder.parent), resolution=(size, size), max_train_epochs=1,
+            train_data_dir=str(folder.parent), resolution=(size, size), max_train_epochs=1, train_batch_size=batch,
+            gradient_checkpointing=checkpointing,
             network_dim=rank, network_alpha=rank, network_train_unet_only=not with_text_encoder, output_dir=tmp,
             output_name="bench", save_precision="fp16", torch_compile=bool(backend), dynamo_backend=backend or "inductor",
             **({"network_type": "locon", "conv_dim": conv_dim, "conv_alpha": conv_dim} if conv_dim else {}),
@@ -138,6 +154,118 @@ def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: boo
     return [b - a for a, b in zip(stamps[1:], stamps[2:])], stamps[1] - stamps[0]
 
 
+CHECKPOINTS = {"sd15": CHECKPOINT, "sdxl": CHECKPOINT.parent / "sdxl-random.safetensors"}
+NETWORKS = {"lora16": {"rank": 16}, "locon16/8": {"rank": 16, "conv_dim": 8}}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the table."""
+
+    model: str = "sd15"
+    size: int = 256
+    batch: int = 1
+    network: str = "lora16"
+    text_encoder: bool = False
+    checkpointing: bool = False
+
+
+@contextlib.contextmanager
+def timed_optimizer_steps(seconds: list[float], device: torch.device):
+    """Time each of the trainer's optimizer steps (unscale, clip, step, zero_grad) into `seconds`."""
+    original = trainer._optimizer_step
+
+    def timed(*args, **kwargs):
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        original(*args, **kwargs)
+        sync()
+        seconds.append(time.perf_counter() - start)
+
+    trainer._optimizer_step = timed
+    try:
+        yield
+    finally:
+        trainer._optimizer_step = original
+
+
+def counted(function) -> tuple[Counter, int]:
+    """The ATen operations and the FLOPs of `function()`, run twice: the FLOP counter's module tracking adds ops of its own."""
+    ops, flops = OpCounter(), FlopCounterMode(display=False)
+    for counter in (ops, flops):
+        with counter:
+            function()
+    return ops.counts, flops.get_total_flops()
+
+
+def measure_row(row: Row, steps: int, launched: float) -> dict:
+    """Everything the table prints for one configuration, measured in this fresh process (`launched`: the wall-clock
+    time its command started). Trainer steps 2..steps+1 are timed (step 1 encodes the latents and allocates for the
+    first time), steps+2 and +3 are counted (ops, FLOPs); then the floor at the same size and batch, timed and counted."""
+    host = load_host(CHECKPOINTS[row.model])
+    stamps, optimizer_seconds, first_step, step_count = [], [], [], {}
+    spans = contextlib.ExitStack()
+
+    def on_event(event):
+        if event.kind != "step":
+            return
+        stamps.append(time.perf_counter())
+        if event.step == 1:
+            first_step.append(time.time() - launched)
+        if event.step in (steps + 2, steps + 3):
+            spans.close()
+        if event.step == steps + 1:
+            step_count["ops"] = spans.enter_context(OpCounter()).counts
+        elif event.step == steps + 2:  # apart from the ops: see counted()
+            step_count["flops"] = spans.enter_context(FlopCounterMode(display=False))
+
+    with timed_optimizer_steps(optimizer_seconds, host.device):
+        run_config(host, row.size, steps + 3, batch=row.batch, with_text_encoder=row.text_encoder, checkpointing=row.checkpointing,
+                   on_event=on_event, **NETWORKS[row.network])
+    step_times = [b - a for a, b in zip(stamps, stamps[1:])][:steps]
+    peak = (torch.cuda.max_memory_allocated() if host.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    floor_times(host, row.size, 1, row.batch)  # warm-up
+    floor = floor_times(host, row.size, steps, row.batch)
+    floor_count, floor_flops = counted(lambda: floor_times(host, row.size, 1, row.batch))
+    step = statistics.median(step_times)
+    return {"step ms": step * 1000, "floor ms": statistics.median(floor) * 1000, "ratio": step / statistics.median(floor),
+            "ops": sum(step_count["ops"].values()), "floor ops": sum(floor_count.values()),
+            "flops ratio": step_count["flops"].get_total_flops() / floor_flops,
+            "optimizer share": statistics.median(optimizer_seconds[1 : steps + 1]) / step,
+            "peak GiB": peak / 2**30, "first step s": first_step[0], "device": str(host.device)}
+
+
+def table(rows: list[Row], steps: int) -> None:
+    """Each row measured by a fresh process of this script (its own load, peak memory and first step), printed as
+    a Markdown table as the rows finish."""
+    print("| model | px | batch | network | text encoder | checkpointing | step ms | floor ms | ratio | ops (floor) | ops ratio "
+          "| FLOPs ratio | optimizer share | peak GiB | first step s |")
+    print("|" + "---|" * 15, flush=True)
+    for row in rows:
+        command = [sys.executable, __file__, "--row", json.dumps(dataclasses.asdict(row)), "--steps", str(steps), "--launched", str(time.time())]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        print(f"| {row.model} | {row.size} | {row.batch} | {row.network} | {'yes' if row.text_encoder else 'no'} | "
+              f"{'yes' if row.checkpointing else 'no'} | {result['step ms']:,.0f} | {result['floor ms']:,.0f} | {result['ratio']:.2f}x | "
+              f"{result['ops']:,} ({result['floor ops']:,}) | {result['ops'] / result['floor ops']:.2f}x | {result['flops ratio']:.3f}x | "
+              f"{result['optimizer share']:.1%} | {result['peak GiB']:.2f} | {result['first step s']:.1f} |", flush=True)
+
+
+def load_host(checkpoint: Path) -> StandaloneHost:
+    """The checkpoint (written on first use, random) in a standalone host, under the trainer's malloc settings."""
+    if not checkpoint.exists():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        write_random_checkpoint(checkpoint, "sdxl" if checkpoint == CHECKPOINTS["sdxl"] else "sd1")
+    host = StandaloneHost.from_file(checkpoint, out_dir=Path(tempfile.mkdtemp()))
+    if host.device.type == "cpu":
+        keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings
+    return host
+
+
+def on_off(value: str) -> bool:
+    return {"on": True, "off": False}[value]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="trainer steps timed per round")
@@ -147,13 +275,25 @@ def main():
     parser.add_argument("--with-text-encoder", action="store_true")
     parser.add_argument("--count-ops", action="store_true", help="count the ATen operations of one step and of the floor, then exit")
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="train with torch_compile (default backend inductor)")
+    table_options = parser.add_argument_group("the table (--table): every combination of these, a fresh process each")
+    table_options.add_argument("--table", action="store_true")
+    table_options.add_argument("--models", nargs="+", choices=CHECKPOINTS, default=["sd15"])
+    table_options.add_argument("--sizes", nargs="+", type=int, default=[256])
+    table_options.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    table_options.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    table_options.add_argument("--text-encoder", nargs="+", type=on_off, default=[False, True], metavar="off|on")
+    table_options.add_argument("--checkpointing", nargs="+", type=on_off, default=[False, True], metavar="off|on")
+    parser.add_argument("--row", type=json.loads, help=argparse.SUPPRESS)  # one row, run by --table in a fresh process
+    parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not CHECKPOINT.exists():
-        CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-        write_random_checkpoint(CHECKPOINT)
-    host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path(tempfile.mkdtemp()))
-    if host.device.type == "cpu":
-        keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings
+    if args.row:
+        print(json.dumps(measure_row(Row(**args.row), args.steps, args.launched)))
+        return
+    if args.table:
+        table([Row(*values) for values in itertools.product(args.models, args.sizes, args.batches, args.networks, args.text_encoder,
+                                                            args.checkpointing)], args.steps)
+        return
+    host = load_host(CHECKPOINT)
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
     if args.count_ops:
         floor, step = floor_ops(host, args.size), step_ops(host, args.size, args.rank, args.with_text_encoder, args.compile)
