@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder] [--count-ops]
                                [--compile [BACKEND]]
-    python bench/train_step.py --table [--steps 5] [--models sd15 sdxl] [--sizes 256 512] [--batches 1 4]
+    python bench/train_step.py --table [--steps 8] [--models sd15 sdxl] [--sizes 256 512] [--batches 1 4]
                                [--networks lora16 locon16/8] [--text-encoder off on] [--checkpointing off on]
 
 Our trainer (`lib_lora.train.train`, batch 1, rank 16 LoRA on the UNet, cached latents and cached
@@ -174,9 +174,9 @@ class Row:
 def timed_optimizer_steps(seconds: list[float], device: torch.device):
     """Time each of the trainer's optimizer steps (unscale, clip, step, zero_grad) into `seconds`."""
     original = trainer._optimizer_step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(*args, **kwargs):
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
         original(*args, **kwargs)
