@@ -359,6 +359,7 @@ ACCEPTED = {
     "noise_offset": {"0"},  # 0..1
     "multires_noise_discount": {"0"},  # 0..1
     "num_class_images": {"0"},  # 0..100000, each drawn before training starts
+    "class_images_cfg_scale": set(),  # 1..30
     "learning_rate": {"huge"},  # > 0; the tab warns outside the optimizer's usual range
     "max_timestep": set(),  # min < max <= 1000
     "min_timestep": {"0"},

@@ -344,16 +344,18 @@ def test_class_images_are_drawn_by_the_base_without_the_trigger_and_trained_on(d
     from lib_lora.train.dataset import plan_training
 
     events = []
-    config = config_for(dataset, trigger_words="zkz", num_class_images=3)
+    config = config_for(dataset, trigger_words="zkz", num_class_images=3, class_images_cfg_scale=3.0)
     planned = plan_training(config).steps.total_steps  # the step math the tab shows, before any is drawn
     result = train(config, host, on_event=collect(events))
     folder = result.run_dir / "class_images" / "1_class"
     images = sorted(folder.glob("*.png"))
     captions = [p.with_suffix(".txt").read_text() for p in images]
     assert len(images) == 3 and all(c and "zkz" not in c for c in captions)
-    # drawn by the base before any LoRA: the same picture the plain model gives for that prompt and seed
-    base = host.generate(GenerationParams(prompt=captions[1], steps=20, cfg_scale=7.0, seed=config.seed + 1, width=64, height=64))[0]
+    # drawn by the base before any LoRA: the same picture the plain model gives for that prompt, seed and CFG scale
+    base = host.generate(GenerationParams(prompt=captions[1], steps=20, cfg_scale=3.0, seed=config.seed + 1, width=64, height=64))[0]
     assert Image.open(images[1]).tobytes() == base.tobytes()
+    assert Image.open(images[1]).tobytes() != host.generate(GenerationParams(prompt=captions[1], steps=20, cfg_scale=7.0,
+                                                                             seed=config.seed + 1, width=64, height=64))[0].tobytes()
     # as with a regularization folder (kohya): 4 images x 2 repeats + as many class samples (the 3 in turn), batch 2
     assert result.steps == planned == (8 + 8) // 2
     prepare = [e for e in events if e.kind == "prepare"]

@@ -17,7 +17,7 @@ from ..models.pipeline import GenerationParams
 from .config import TrainConfig
 
 FOLDER, SUBSET = "class_images", "1_class"
-STEPS, CFG_SCALE = 20, 7.0  # the webui's txt2img defaults
+STEPS = 20  # the webui's txt2img default
 
 
 def class_prompts(captions: list[str], trigger_words: str, count: int) -> list[str]:
@@ -37,7 +37,7 @@ def make_class_images(host, config: TrainConfig, captions: list[str], reg_dir: P
     for index, prompt in enumerate(prompts):
         image_path = folder / f"class_{index:05d}.png"
         if not image_path.exists():
-            params = GenerationParams(prompt=prompt, steps=STEPS, cfg_scale=CFG_SCALE, seed=config.seed + index, width=width,
+            params = GenerationParams(prompt=prompt, steps=STEPS, cfg_scale=config.class_images_cfg_scale, seed=config.seed + index, width=width,
                                       height=height, clip_skip=config.clip_skip)
             (image,) = host.generate(params)
             write_bytes_atomically(image_path.with_suffix(config.caption_extension), prompt.encode())

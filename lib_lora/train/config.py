@@ -59,6 +59,8 @@ class TrainConfig:
     prior_loss_weight: float = _opt(1.0, "loss weight of regularization images")
     num_class_images: int = _opt(0, "with no reg_data_dir: draw this many regularization images with the base model first, "
                                     "from the training captions without the trigger words (DreamBooth's prior preservation)")
+    class_images_cfg_scale: float = _opt(7.0, "CFG scale the class images are drawn at (7: the webui's txt2img default; a lower "
+                                              "scale keeps them nearer the base's own training images)")
     validation_split: float = _opt(0.0, "fraction of images held out for validation loss")
     masked_loss: bool = _opt(False, "use the PNG alpha channel as the per-pixel loss weight")
     # --- network
@@ -355,6 +357,7 @@ NUMBER_LIMITS = {
     "noise_offset": (0, 1, "an offset above 1 outweighs the noise itself; 0.05-0.1 is usual"),
     "multires_noise_discount": (0, 1, "each coarser level must weigh less; 0.3 is usual"),
     "num_class_images": (0, 100_000, "each is drawn by the base model before training starts; DreamBooth uses 100-200"),
+    "class_images_cfg_scale": (1, 30, "1 is no guidance at all; the webui's CFG slider stops at 30"),
 }
 
 

@@ -15,7 +15,8 @@ from ..train.config import TrainConfig
 # Section -> group title -> field names. Everything here must be a TrainConfig field (tested).
 LAYOUT: dict[str, dict[str, tuple[str, ...]]] = {
     "Dataset": {
-        "Folders": ("train_data_dir", "trigger_words", "reg_data_dir", "num_class_images", "caption_extension"),
+        "Folders": ("train_data_dir", "trigger_words", "reg_data_dir", "num_class_images", "class_images_cfg_scale",
+                    "caption_extension"),
         "Captions": ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate"),
         "Images": ("allow_unreadable_images", "prior_loss_weight", "validation_split", "masked_loss"),
     },
@@ -47,7 +48,7 @@ MULTILINE = frozenset({"sample_prompts"})
 LABELS = {"max_train_epochs": "Epochs", "train_batch_size": "Batch size", "network_dim": "Network dim (rank)",
           "network_alpha": "Network alpha", "unet_lr": "UNet lr", "text_encoder_lr": "Text encoder lr", "lr_scheduler": "LR scheduler",
           "min_snr_gamma": "Min-SNR gamma", "reg_data_dir": "Regularization folder", "train_data_dir": "Dataset folder",
-          "num_class_images": "Class images from the base (no regularization folder)"}
+          "num_class_images": "Class images from the base (no regularization folder)", "class_images_cfg_scale": "Class images' CFG scale"}
 
 
 @dataclass(frozen=True)
