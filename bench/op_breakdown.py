@@ -10,11 +10,15 @@ and attributes each to a source:
   rest by the innermost trainer/optimizer function on the Python stack;
 - backward: the forward source of the autograd node being run (a pre-hook on every node the forward
   made), the parameters' gradient accumulation, and the engine's own gradient sums (no node running).
+Each op's own time is summed too (the clock read around the op inside the mode, so the mode's Python is
+not counted; on a CPU an op is done when it returns): the table gives ms by source against the floor's, to
+show where a step's time beyond the floor goes. Run it on an otherwise idle machine.
 Prints a table by source, then the op names of each of the largest sources.
 """
 
 import argparse
 import sys
+import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +29,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from train_step import CHECKPOINT, floor_ops, run_config, views  # noqa: E402
+from train_step import CHECKPOINT, floor_times, run_config, views  # noqa: E402
 from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_lora.networks.base import AdapterModule, layer_kind  # noqa: E402
 
@@ -61,6 +65,7 @@ class AttributedCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.seconds: Counter = Counter()  # by source
         self.regions: list[str] = []
         self.backward_source: str | None = None
 
@@ -73,7 +78,10 @@ class AttributedCounter(TorchDispatchMode):
         else:
             source = stack_source()
         self.counts[source][name] += 1
-        return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        self.seconds[source] += time.perf_counter() - start
+        return result
 
 
 class NodeTagger(TorchFunctionMode):
@@ -146,7 +154,16 @@ def regions(counter: AttributedCounter, tagger: NodeTagger, host):
             handle.remove()
 
 
-def step_breakdown(host, size: int, rank: int, conv_dim: int, with_text_encoder: bool) -> dict[str, Counter]:
+def floor_breakdown(host, size: int) -> AttributedCounter:
+    """The floor's ops and their time (one warm-up pass first, as the step measured is the run's third)."""
+    floor_times(host, size, 1)
+    counter = AttributedCounter()
+    with regions(counter, NodeTagger(counter), host), counter:
+        floor_times(host, size, 1)
+    return counter
+
+
+def step_breakdown(host, size: int, rank: int, conv_dim: int, with_text_encoder: bool) -> AttributedCounter:
     counter = AttributedCounter()
     tagger = NodeTagger(counter)
 
@@ -160,7 +177,7 @@ def step_breakdown(host, size: int, rank: int, conv_dim: int, with_text_encoder:
 
     with regions(counter, tagger, host):
         run_config(host, size, 4, rank, with_text_encoder, on_event, conv_dim=conv_dim)
-    return counter.counts
+    return counter
 
 
 def main():
@@ -171,14 +188,17 @@ def main():
     parser.add_argument("--with-text-encoder", action="store_true")
     args = parser.parse_args()
     host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path("/tmp"))
-    floor = floor_ops(host, args.size)
-    counts = step_breakdown(host, args.size, args.rank, args.conv_dim, args.with_text_encoder)
-    total = sum(sum(c.values()) for c in counts.values())
-    print(f"floor {sum(floor.values())} ({views(floor)} of them views), step {total} ({sum(map(views, counts.values()))} views), "
-          f"ratio {total / sum(floor.values()):.2f}x")
-    print("| source | ops | of which views (no kernel) |\n|---|---|---|")
-    for source, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values())):
-        print(f"| {source} | {sum(ops.values())} | {views(ops)} |")
+    floor = floor_breakdown(host, args.size)
+    step = step_breakdown(host, args.size, args.rank, args.conv_dim, args.with_text_encoder)
+    counts, floor_ops = step.counts, sum(floor.counts.values(), Counter())
+    total, floor_ms = sum(sum(c.values()) for c in counts.values()), 1000 * sum(floor.seconds.values())
+    print(f"floor {sum(floor_ops.values())} ops ({views(floor_ops)} of them views) in {floor_ms:.0f} ms, step {total} "
+          f"({sum(map(views, counts.values()))} views) in {1000 * sum(step.seconds.values()):.0f} ms, ratio {total / sum(floor_ops.values()):.2f}x")
+    print("floor by source: " + ", ".join(f"{source} {1000 * seconds:.0f} ms" for source, seconds in floor.seconds.most_common()))
+    print("| source | ops | of which views (no kernel) | ms | share of the floor's ms |\n|---|---|---|---|---|")
+    for source, ops in sorted(counts.items(), key=lambda kv: -step.seconds[kv[0]]):
+        ms = 1000 * step.seconds[source]
+        print(f"| {source} | {sum(ops.values())} | {views(ops)} | {ms:.1f} | {ms / floor_ms:.1%} |")
     for source, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:12]:
         print(f"{source}: " + ", ".join(f"{name} {n}" for name, n in ops.most_common(14)))
 

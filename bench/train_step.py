@@ -1,7 +1,7 @@
 """Training step time against its floor, on a full-size random SD1.5 checkpoint.
 
     python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder] [--count-ops]
-                               [--compile [BACKEND]]
+                               [--compile [BACKEND]] [--paired]
     python bench/train_step.py --table [--steps 8] [--models sd15 sdxl] [--sizes 256 512] [--batches 1 4]
                                [--networks lora16 locon16/8] [--text-encoder off on] [--checkpointing off on]
 
@@ -11,6 +11,9 @@ forward + backward with respect to its input only, the least any LoRA step can c
 this process on the same model, in alternating rounds (floor, trainer, floor, trainer, ..., floor)
 and each trainer run is divided by the floor runs on either side of it, so that a machine whose
 speed drifts between minutes affects both sides of each ratio alike; the median ratio is printed.
+`--paired` pairs them closer: one trainer run of steps x rounds steps, and after each step's event one floor
+pass of the same UNet with the adapters' hooks set aside; each step is divided by the floor pass that follows
+it, seconds apart, and the median of those ratios is printed.
 `--count-ops` also counts the ATen operations one trainer step and one floor pass dispatch (a
 TorchDispatchMode between two step events): unlike time, the count does not depend on the
 machine's load, and on a GPU at batch 1 each operation is a kernel launch the step waits for.
@@ -154,6 +157,37 @@ def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: boo
     return [b - a for a, b in zip(stamps[1:], stamps[2:])], stamps[1] - stamps[0]
 
 
+@contextlib.contextmanager
+def without_forward_hooks(module: torch.nn.Module):
+    """`module` run as the frozen model alone: every forward hook in it (the adapters') set aside, then put back."""
+    hooked = {m: dict(m._forward_hooks) for m in module.modules() if m._forward_hooks}
+    for m in hooked:
+        m._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        for m, hooks in hooked.items():
+            m._forward_hooks.update(hooks)
+
+
+def paired_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> tuple[list[float], list[float]]:
+    """Trainer steps 2..steps+1 and a floor pass after each, in one run: after each step's event the UNet runs once
+    more without its adapters' hooks (the floor), so each step is compared with a floor measured seconds later."""
+    step_times, floors, resumed = [], [], []
+
+    def on_event(event):
+        if event.kind != "step":
+            return
+        if resumed:  # the time since the last floor pass ended: one whole trainer step
+            step_times.append(time.perf_counter() - resumed[-1])
+        with without_forward_hooks(host.unet):
+            floors.extend(floor_times(host, size, 1))
+        resumed.append(time.perf_counter())
+
+    run_config(host, size, steps + 1, rank, with_text_encoder, on_event)
+    return step_times, floors[1:]
+
+
 CHECKPOINTS = {"sd15": CHECKPOINT, "sdxl": CHECKPOINT.parent / "sdxl-random.safetensors"}
 NETWORKS = {"lora16": {"rank": 16}, "locon16/8": {"rank": 16, "conv_dim": 8}}
 
@@ -273,6 +307,7 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--with-text-encoder", action="store_true")
+    parser.add_argument("--paired", action="store_true", help="one trainer run of steps x rounds steps, a floor pass after each step")
     parser.add_argument("--count-ops", action="store_true", help="count the ATen operations of one step and of the floor, then exit")
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="train with torch_compile (default backend inductor)")
     table_options = parser.add_argument_group("the table (--table): every combination of these, a fresh process each")
@@ -301,6 +336,15 @@ def main():
               f"({views(step)} views), ratio {sum(step.values()) / sum(floor.values()):.2f}x")
         extra = step - floor
         print("most added by the step: " + ", ".join(f"{name} +{n}" for name, n in extra.most_common(12)))
+        return
+    if args.paired:
+        steps, floors = paired_times(host, args.size, args.steps * args.rounds, args.rank, args.with_text_encoder)
+        ratios = [step / floor for step, floor in zip(steps, floors)]
+        print(f"{len(ratios)} pairs (a trainer step, then a floor pass): step {statistics.median(steps) * 1000:.0f} ms, "
+              f"floor {statistics.median(floors) * 1000:.0f} ms (medians)")
+        print(f"ratio per pair: {', '.join(f'{r:.3f}' for r in ratios)}")
+        print(f"ratio trainer / floor, median of pairs: {statistics.median(ratios):.3f}x, of the medians: "
+              f"{statistics.median(steps) / statistics.median(floors):.3f}x")
         return
     floor_times(host, args.size, 1)  # warm-up
     before, floor, ours, ratios, firsts = floor_times(host, args.size, args.steps // 2), [], [], [], []
