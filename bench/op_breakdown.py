@@ -1,9 +1,9 @@
 """Where a training step's ATen operations come from, by source and by op name.
 
-    python bench/op_breakdown.py [--size 256] [--rank 16] [--conv-dim 0] [--with-text-encoder]
+    python bench/op_breakdown.py [--size 256] [--rank 16] [--conv-dim 0] [--with-text-encoder] [--steps 4]
 
-Counts the same step as `train_step.py --count-ops` (step 3 of a real run on the random SD1.5
-checkpoint) with every dispatched ATen op counted, views, reshapes, `t`, `detach` and casts included,
+Counts the steps `train_step.py --count-ops` counts (steps 2..steps+1 of a real run on the random SD1.5
+checkpoint, the same ops each) with every dispatched ATen op counted, views, reshapes, `t`, `detach` and casts included,
 and attributes each to a source:
 - forward: the adapters (per component and host kind: Linear, 1x1 conv, kxk LoCon, through a
   patched `AdapterModule._forward_hook`), the frozen UNet and text encoder (module hooks), and the
@@ -11,12 +11,14 @@ and attributes each to a source:
 - backward: the forward source of the autograd node being run (a pre-hook on every node the forward
   made), the parameters' gradient accumulation, and the engine's own gradient sums (no node running).
 Each op's own time is summed too (the clock read around the op inside the mode, so the mode's Python is
-not counted; on a CPU an op is done when it returns): the table gives ms by source against the floor's, to
-show where a step's time beyond the floor goes. Run it on an otherwise idle machine.
+not counted; on a CPU an op is done when it returns), and a floor pass runs after each step (the UNet with the
+adapters' hooks set aside, as `train_step.py --paired`): the table gives each source's ms per step against the
+floor's, to show where a step's time beyond the floor goes. Run it on an otherwise idle machine.
 Prints a table by source, then the op names of each of the largest sources.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter, defaultdict
@@ -29,9 +31,10 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from train_step import CHECKPOINT, floor_times, run_config, views  # noqa: E402
+from train_step import CHECKPOINT, floor_times, run_config, views, without_hooks  # noqa: E402
 from lib_lora.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_lora.networks.base import AdapterModule, layer_kind  # noqa: E402
+from lib_lora.train.cpu_memory import keep_freed_memory  # noqa: E402
 
 STACK_SOURCES = (("torch/optim/", "optimizer step"), ("clip_grad", "grad clipping"), ("zero_grad", "grad zeroing"),
                  ("_engine_run_backward", "backward: engine gradient sums (between nodes)"))
@@ -154,30 +157,31 @@ def regions(counter: AttributedCounter, tagger: NodeTagger, host):
             handle.remove()
 
 
-def floor_breakdown(host, size: int) -> AttributedCounter:
-    """The floor's ops and their time (one warm-up pass first, as the step measured is the run's third)."""
-    floor_times(host, size, 1)
-    counter = AttributedCounter()
-    with regions(counter, NodeTagger(counter), host), counter:
-        floor_times(host, size, 1)
-    return counter
-
-
-def step_breakdown(host, size: int, rank: int, conv_dim: int, with_text_encoder: bool) -> AttributedCounter:
-    counter = AttributedCounter()
-    tagger = NodeTagger(counter)
+def paired_breakdown(host, size: int, rank: int, conv_dim: int, with_text_encoder: bool, steps: int
+                     ) -> tuple[AttributedCounter, AttributedCounter]:
+    """Trainer steps 2..steps+1 of a real run counted and timed by source, each followed by a floor pass (the UNet
+    with the adapters' hooks set aside) counted on its own, so that each source's time is set against a floor
+    measured seconds apart (`train_step.py --paired`); both summed over the steps."""
+    step, floor = AttributedCounter(), AttributedCounter()
+    floor.regions.append("frozen UNet")  # the floor's sources: its forward and its backward
+    floor.backward_source = "frozen UNet"
+    tagger = NodeTagger(step)
 
     def on_event(event):
-        if event.kind == "step" and event.step == 2:
-            tagger.__enter__()
-            counter.__enter__()
-        elif event.kind == "step" and event.step == 3:
-            counter.__exit__(None, None, None)
+        if event.kind != "step":
+            return
+        if event.step > 1:
+            step.__exit__(None, None, None)
             tagger.__exit__(None, None, None)
+        with without_hooks(host.unet), (floor if event.step > 1 else contextlib.nullcontext()):
+            floor_times(host, size, 1)  # after step 1: a warm-up
+        if event.step <= steps:
+            tagger.__enter__()
+            step.__enter__()
 
-    with regions(counter, tagger, host):
-        run_config(host, size, 4, rank, with_text_encoder, on_event, conv_dim=conv_dim)
-    return counter
+    with regions(step, tagger, host):
+        run_config(host, size, steps + 1, rank, with_text_encoder, on_event, conv_dim=conv_dim)
+    return step, floor
 
 
 def main():
@@ -186,18 +190,22 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--conv-dim", type=int, default=0, help="LoCon: also adapt the 3x3 convs at this rank")
     parser.add_argument("--with-text-encoder", action="store_true")
+    parser.add_argument("--steps", type=int, default=4, help="trainer steps counted, each followed by a floor pass")
     args = parser.parse_args()
     host = StandaloneHost.from_file(CHECKPOINT, out_dir=Path("/tmp"))
-    floor = floor_breakdown(host, args.size)
-    step = step_breakdown(host, args.size, args.rank, args.conv_dim, args.with_text_encoder)
-    counts, floor_ops = step.counts, sum(floor.counts.values(), Counter())
-    total, floor_ms = sum(sum(c.values()) for c in counts.values()), 1000 * sum(floor.seconds.values())
-    print(f"floor {sum(floor_ops.values())} ops ({views(floor_ops)} of them views) in {floor_ms:.0f} ms, step {total} "
-          f"({sum(map(views, counts.values()))} views) in {1000 * sum(step.seconds.values()):.0f} ms, ratio {total / sum(floor_ops.values()):.2f}x")
-    print("floor by source: " + ", ".join(f"{source} {1000 * seconds:.0f} ms" for source, seconds in floor.seconds.most_common()))
+    keep_freed_memory()  # as train() does on a CPU, before the first floor pass
+    step, floor = paired_breakdown(host, args.size, args.rank, args.conv_dim, args.with_text_encoder, args.steps)
+    counts = {source: Counter({name: n // args.steps for name, n in ops.items()}) for source, ops in step.counts.items()}
+    floor_ops = Counter({name: n // args.steps for name, n in sum(floor.counts.values(), Counter()).items()})
+    step_ms, floor_ms = (1000 * sum(c.seconds.values()) / args.steps for c in (step, floor))
+    total = sum(sum(c.values()) for c in counts.values())
+    print(f"per step, mean of {args.steps}: floor {sum(floor_ops.values())} ops ({views(floor_ops)} of them views), their own time "
+          f"{floor_ms:.0f} ms; step {total} ({sum(map(views, counts.values()))} views), {step_ms:.0f} ms; ops ratio "
+          f"{total / sum(floor_ops.values()):.2f}x, time ratio {step_ms / floor_ms:.3f}x")
+    print("floor by source: " + ", ".join(f"{source} {1000 * seconds / args.steps:.0f} ms" for source, seconds in floor.seconds.most_common()))
     print("| source | ops | of which views (no kernel) | ms | share of the floor's ms |\n|---|---|---|---|---|")
     for source, ops in sorted(counts.items(), key=lambda kv: -step.seconds[kv[0]]):
-        ms = 1000 * step.seconds[source]
+        ms = 1000 * step.seconds[source] / args.steps
         print(f"| {source} | {sum(ops.values())} | {views(ops)} | {ms:.1f} | {ms / floor_ms:.1%} |")
     for source, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:12]:
         print(f"{source}: " + ", ".join(f"{name} {n}" for name, n in ops.most_common(14)))

@@ -158,16 +158,17 @@ def trainer_times(host, size: int, steps: int, rank: int, with_text_encoder: boo
 
 
 @contextlib.contextmanager
-def without_forward_hooks(module: torch.nn.Module):
-    """`module` run as the frozen model alone: every forward hook in it (the adapters') set aside, then put back."""
-    hooked = {m: dict(m._forward_hooks) for m in module.modules() if m._forward_hooks}
-    for m in hooked:
-        m._forward_hooks.clear()
+def without_hooks(module: torch.nn.Module):
+    """`module` run as the frozen model alone: every forward hook and pre-hook in it (the adapters', a bench's) set
+    aside, then put back."""
+    hooked = [(hooks, dict(hooks)) for m in module.modules() for hooks in (m._forward_pre_hooks, m._forward_hooks) if hooks]
+    for hooks, _ in hooked:
+        hooks.clear()
     try:
         yield
     finally:
-        for m, hooks in hooked.items():
-            m._forward_hooks.update(hooks)
+        for hooks, saved in hooked:
+            hooks.update(saved)
 
 
 def paired_times(host, size: int, steps: int, rank: int, with_text_encoder: bool) -> tuple[list[float], list[float]]:
@@ -180,7 +181,7 @@ def paired_times(host, size: int, steps: int, rank: int, with_text_encoder: bool
             return
         if resumed:  # the time since the last floor pass ended: one whole trainer step
             step_times.append(time.perf_counter() - resumed[-1])
-        with without_forward_hooks(host.unet):
+        with without_hooks(host.unet):
             floors.extend(floor_times(host, size, 1))
         resumed.append(time.perf_counter())
 

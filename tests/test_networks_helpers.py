@@ -22,6 +22,7 @@ def one_thread():
 
 LAYERS = {
     "linear": lambda: nn.Linear(IN, OUT),
+    "linear_no_bias": lambda: nn.Linear(IN, OUT, bias=False),  # the UNet's q/k/v: their output is no view
     "conv1x1": lambda: nn.Conv2d(IN, OUT, 1),
     "conv3x3": lambda: nn.Conv2d(IN, OUT, 3, padding=1),
     "conv3x3_s2": lambda: nn.Conv2d(IN, OUT, 3, stride=2, padding=1),

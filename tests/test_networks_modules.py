@@ -73,7 +73,7 @@ def test_fused_training_step_matches_plain_sum(kind):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1x1"])
 def test_a_hooked_output_can_be_changed_in_place(kind):
     """Host blocks change a layer's output in place through a view (Forge's `x += attn(x)`); gradients stay right."""
     layer = make_layer(kind)
@@ -91,7 +91,7 @@ def test_a_hooked_output_can_be_changed_in_place(kind):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1x1"])
 @pytest.mark.parametrize("host", ["trainable weight", "another hook first"])
 def test_gradients_through_the_host_are_kept_where_the_adapter_cannot_compute_them(kind, host):
     """On a frozen host the adapter's backward computes x's gradient through the host weight itself; a host

@@ -228,16 +228,20 @@ class _LowRankAddLinear(torch.autograd.Function):
     Autograd's graph of the same expression keeps a node for every reshape and transpose and replays
     each in backward; this keeps backward's four matmuls (grad_h = g @ up·scale, grad_up = gᵀ @ h·scale,
     grad_down = grad_hᵀ @ x, grad_x = grad_h @ down) and their views. With `host_weight` (output = x @ Wᵀ + b
-    of a frozen host), x's whole gradient is one addmm here (g @ W + grad_h @ down) and output gets none,
-    so the host's own backward and the engine's sum of the two gradients of x drop out.
+    of a frozen host), x's whole gradient is computed here (g @ W, grad_h @ down added into it in place) and
+    output gets none, so the host's own backward and the engine's sum of the two gradients of x drop out;
+    the up projection is then added into the host's output in place (`_own_output`).
     """
 
     @staticmethod
-    def forward(ctx, output, x, down, up, scale, host_weight):
+    def forward(ctx, output, x, down, up, scale, host_weight, in_place):
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         h = torch.mm(x2, down.t())  # [N, r]
         ctx.save_for_backward(x2, h, down, up, host_weight)
         ctx.scale, ctx.x_shape = scale, x.shape
+        if _own_output(ctx, output, in_place):
+            output.detach().view(-1, up.shape[0]).addmm_(h, up.t(), alpha=scale)  # an alias: no view autograd tracks
+            return output
         return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up.t(), alpha=scale), output.shape)
 
     @staticmethod
@@ -247,11 +251,11 @@ class _LowRankAddLinear(torch.autograd.Function):
         grad_h = _scaled(torch.mm(g, up), ctx.scale)  # [N, r]
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = torch.mm(grad_h, down) if host_weight is None else torch.addmm(torch.mm(g, host_weight), grad_h, down)
+            grad_x = torch.mm(grad_h, down) if host_weight is None else torch.mm(g, host_weight).addmm_(grad_h, down)
             grad_x = grad_x.view(ctx.x_shape)
         grad_down = torch.mm(grad_h.t(), x2) if ctx.needs_input_grad[2] else None
         grad_up = _scaled(torch.mm(g.t(), h), ctx.scale) if ctx.needs_input_grad[3] else None
-        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None
+        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None, None
 
 
 class _LowRankAddConv1x1(torch.autograd.Function):
@@ -259,13 +263,16 @@ class _LowRankAddConv1x1(torch.autograd.Function):
     weight [out, in, 1, 1], as batched matmuls over the channel axis (no conv, no copy to channels-last)."""
 
     @staticmethod
-    def forward(ctx, output, x, down, up, scale, host_weight):
+    def forward(ctx, output, x, down, up, scale, host_weight, in_place):
         batch = x.shape[0]
         x3 = x.reshape(batch, x.shape[1], -1)  # [B, in, HW]
         down2, up2 = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
         h = torch.bmm(down2.expand(batch, -1, -1), x3)  # [B, r, HW]
         ctx.save_for_backward(x3, h, down2, up2, host_weight)
         ctx.scale, ctx.x_shape, ctx.down_shape, ctx.up_shape = scale, x.shape, down.shape, up.shape
+        if _own_output(ctx, output, in_place):
+            output.detach().view(batch, up2.shape[0], -1).baddbmm_(up2.expand(batch, -1, -1), h, alpha=scale)
+            return output
         out3 = output.reshape(batch, up2.shape[0], -1)
         return _fresh_view(torch.baddbmm(out3, up2.expand(batch, -1, -1), h, alpha=scale), output.shape)
 
@@ -277,13 +284,28 @@ class _LowRankAddConv1x1(torch.autograd.Function):
         grad_h = _scaled(torch.bmm(up2.t().expand(batch, -1, -1), g), ctx.scale)  # [B, r, HW]
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = torch.bmm(down2.t().expand(batch, -1, -1), grad_h)
-            if host_weight is not None:
-                grad_x = torch.baddbmm(grad_x, host_weight.flatten(1).t().expand(batch, -1, -1), g)
+            down_t = down2.t().expand(batch, -1, -1)
+            if host_weight is None:
+                grad_x = torch.bmm(down_t, grad_h)
+            else:  # accumulated in place into the host's product: no copy of it
+                grad_x = torch.bmm(host_weight.flatten(1).t().expand(batch, -1, -1), g).baddbmm_(down_t, grad_h)
             grad_x = grad_x.view(ctx.x_shape)
         grad_down = torch.bmm(grad_h, x3.transpose(1, 2)).sum(0).view(ctx.down_shape) if ctx.needs_input_grad[2] else None
         grad_up = _scaled(torch.bmm(g, h.transpose(1, 2)).sum(0), ctx.scale).view(ctx.up_shape) if ctx.needs_input_grad[3] else None
-        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None
+        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None, None
+
+
+def _own_output(ctx, output: torch.Tensor, in_place: bool) -> bool:
+    """Whether the up projection may be added into `output` in place (and marks it so for autograd): only the
+    output of a sole frozen stock host (`in_place`: `host_weight` given, not compiling), which nothing else holds
+    or saved for backward,
+    laid out plainly and not a view (in place into a view, autograd would copy the whole gradient of its base in
+    backward). This saves a copy of the layer's output per adapter; the Function returns no gradient for the
+    host's output anyway."""
+    if not in_place or output._is_view() or not output.is_contiguous():
+        return False
+    ctx.mark_dirty(output)
+    return True
 
 
 def _fresh_view(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -301,12 +323,25 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, conv1x1: bool,
                  host_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """output + scale·up(down(x)), out of place, in x's dtype: on a Linear host x [..., in], down [r, in], up [out, r];
+    """output + scale·up(down(x)), in x's dtype: on a Linear host x [..., in], down [r, in], up [out, r];
     on a 1×1 stride-1 unpadded conv host (`conv1x1`) x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)].
 
     Give `host_weight` only when `output` is exactly the frozen host's x @ Wᵀ (+ b) in x's dtype: backward then
-    computes x's whole gradient and sends none back through the host.
+    computes x's whole gradient and sends none back through the host, and the product is added into the host's
+    output in place (out of place otherwise, where another hook or the host's own backward may hold it, and under
+    torch.compile).
     """
+    in_place = host_weight is not None and not torch.compiler.is_compiling()  # inductor fuses the add itself
     if conv1x1:
-        return _LowRankAddConv1x1.apply(output, x, down, up, scale, host_weight)
-    return _LowRankAddLinear.apply(output, x, down, up, scale, host_weight)
+        return _LowRankAddConv1x1.apply(output, x, down, up, scale, host_weight, in_place)
+    if in_place and _reshaped_product(output):  # F.linear with a bias: its [N, out] product, reshaped
+        return _fresh_view(_LowRankAddLinear.apply(output._base, x, down, up, scale, host_weight, in_place), output.shape)
+    return _LowRankAddLinear.apply(output, x, down, up, scale, host_weight, in_place)
+
+
+def _reshaped_product(output: torch.Tensor) -> bool:
+    """Whether `output` is a view of all of a contiguous tensor in another shape, as F.linear with a bias returns
+    for a 3-D input (the addmm's product, viewed): the adapter may then add into that product in place."""
+    base = output._base
+    return (base is not None and base.is_contiguous() and output.is_contiguous() and base.numel() == output.numel()
+            and base.storage_offset() == output.storage_offset())

@@ -126,8 +126,9 @@ class LoRAModule(AdapterModule):
         frozen stock host whose output only this hook sees, it also computes x's gradient through the host
         weight, so that the host's own backward and the sum of x's two gradients drop out. The
         fewer ops per adapter matter twice: on a CPU the layer-wide passes are most of what LoRA costs, and
-        a GPU at batch 1 waits on each op's launch. Out of place on purpose: an in-place add into a view of
-        the output makes autograd copy the whole gradient in backward.
+        a GPU at batch 1 waits on each op's launch. On such a sole frozen host the up projection is added into
+        the host's own output in place (no copy of it per adapter); elsewhere out of place, as an in-place add
+        into a view of an output autograd tracks makes it copy the whole gradient in backward.
         """
         kind = layer_kind(layer)
         plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
