@@ -240,14 +240,17 @@ class _LowRankAddLinear(torch.autograd.Function):
         ctx.save_for_backward(x2, h, down, up, host_weight)
         ctx.scale, ctx.x_shape = scale, x.shape
         if _own_output(ctx, output, in_place):
-            output.detach().view(-1, up.shape[0]).addmm_(h, up.t(), alpha=scale)  # an alias: no view autograd tracks
+            # 3-D: through a view of an alias (a view made here of a tensor autograd tracks would make any later look
+            # at its grad_fn an error)
+            flat = output if output.dim() == 2 else output.detach().view(-1, up.shape[0])
+            flat.addmm_(h, up.t(), alpha=scale)
             return output
         return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up.t(), alpha=scale), output.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x2, h, down, up, host_weight = ctx.saved_tensors
-        g = grad.reshape(-1, up.shape[0])  # [N, out]
+        g = grad if grad.dim() == 2 else grad.reshape(-1, up.shape[0])  # [N, out]
         grad_h = _scaled(torch.mm(g, up), ctx.scale)  # [N, r]
         grad_x = None
         if ctx.needs_input_grad[1]:
