@@ -301,10 +301,9 @@ class _LowRankAddConv1x1(torch.autograd.Function):
 def _own_output(ctx, output: torch.Tensor, in_place: bool) -> bool:
     """Whether the up projection may be added into `output` in place (and marks it so for autograd): only the
     output of a sole frozen stock host (`in_place`: `host_weight` given, not compiling), which nothing else holds
-    or saved for backward,
-    laid out plainly and not a view (in place into a view, autograd would copy the whole gradient of its base in
-    backward). This saves a copy of the layer's output per adapter; the Function returns no gradient for the
-    host's output anyway."""
+    or saved for backward, laid out plainly and not a view (in place into a view, autograd would copy the whole
+    gradient of its base in backward). This saves a copy of the layer's output per adapter; the Function returns
+    no gradient for the host's output anyway."""
     if not in_place or output._is_view() or not output.is_contiguous():
         return False
     ctx.mark_dirty(output)
@@ -334,12 +333,21 @@ def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: 
     output in place (out of place otherwise, where another hook or the host's own backward may hold it, and under
     torch.compile).
     """
-    in_place = host_weight is not None and not torch.compiler.is_compiling()  # inductor fuses the add itself
+    in_place = host_weight is not None and not _compiling()  # dynamo refuses the in-place add; inductor fuses it anyway
     if conv1x1:
         return _LowRankAddConv1x1.apply(output, x, down, up, scale, host_weight, in_place)
     if in_place and _reshaped_product(output):  # F.linear with a bias: its [N, out] product, reshaped
         return _fresh_view(_LowRankAddLinear.apply(output._base, x, down, up, scale, host_weight, in_place), output.shape)
     return _LowRankAddLinear.apply(output, x, down, up, scale, host_weight, in_place)
+
+
+def _compiling() -> bool:
+    """Whether dynamo is tracing this call: `torch.compiler.is_compiling` from torch 2.3, dynamo's own before it
+    (the webui 1.10.1 ships torch 2.1, whose `torch.compiler` has no `is_compiling`)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:
+        from torch._dynamo import is_compiling  # in training already imported: every torch optimizer imports it
+    return is_compiling()
 
 
 def _reshaped_product(output: torch.Tensor) -> bool:
