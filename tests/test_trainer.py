@@ -98,6 +98,13 @@ def test_a_run_saves_a_lora_with_metadata_and_card(dataset, host):
     assert "4 steps" in events[0].message or "= 4 optimizer steps" in events[0].message
 
 
+def test_a_run_on_torch_2_1_without_torch_amp_grad_scaler_saves(dataset, host, monkeypatch):
+    """The webui 1.10.1 ships torch 2.1, whose loss scaler is only `torch.cuda.amp.GradScaler`."""
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    result = train(config_for(dataset, max_train_steps=1), host)
+    assert result.steps == 1 and result.final_path.exists()
+
+
 def test_twenty_steps_on_a_fixed_batch_lower_the_loss(dataset, host):
     """One image, batch 1, 20 steps: the loss at the same image must fall (mean of last 5 < first 5)."""
     config = config_for(dataset, train_batch_size=1, max_train_steps=20, max_train_epochs=20, learning_rate=3e-3, min_timestep=400, max_timestep=401)
@@ -187,6 +194,23 @@ def test_adamw_takes_the_reference_adamw_step():
     for p, q, start in zip(ours_params, reference_params, initial):
         assert (p - start).abs().max() > 1e-3  # it moved
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_adamw_falls_back_whole_where_the_device_has_no_fused_kernel(monkeypatch):
+    """torch < 2.4 has no fused AdamW on a CPU (the webui 1.10.1 ships 2.1), and its constructor refuses one after
+    filling the groups with its defaults: the plain one must take over, with no group left asking for `fused`."""
+
+    class AdamWOfTorch21(torch.optim.AdamW):
+        def __init__(self, params, fused=None, **kwargs):
+            super().__init__(params, fused=fused, **kwargs)
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamWOfTorch21)
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    optimizer = make_optimizer([{"params": [param], "lr": 1e-3}], optimizer_type="AdamW", weight_decay=0.0, betas=(0.9, 0.99),
+                               eps=1e-8, momentum=0.0)
+    assert [group["fused"] for group in optimizer.param_groups] == [None]
 
 
 def test_adamw8bit_without_cuda_is_a_clear_error(dataset, host):

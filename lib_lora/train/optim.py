@@ -66,9 +66,9 @@ def _adamw(param_groups, **kwargs):
     A LoRA has hundreds of small tensors: the fused step updates them all in one pass instead of
     several ops per tensor (on a CPU, 0.8 ms instead of 4 ms for a rank-8 SD-layout network).
     """
-    try:
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-    except RuntimeError:  # "fused=True requires all the params to be ... of supported devices"
+    try:  # on copies: a constructor fills the groups it gets with its defaults, `fused` included, before it refuses them
+        return torch.optim.AdamW([dict(group) for group in param_groups], fused=True, **kwargs)
+    except RuntimeError:  # "fused=True requires all the params to be ... of supported devices" (torch < 2.4 on a CPU)
         return torch.optim.AdamW(param_groups, **kwargs)
 
 

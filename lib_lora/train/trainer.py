@@ -309,7 +309,9 @@ def _can_cache_text(config: TrainConfig) -> bool:
 def _grad_scaler(config: TrainConfig, host):
     """Loss scaling whenever fp16 is in the backward pass: fp16 autocast, or a host whose weights are fp16."""
     enabled = host.device.type == "cuda" and (config.mixed_precision == "fp16" or host.dtype == torch.float16)
-    return torch.amp.GradScaler("cuda", enabled=enabled)
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch 2.1, as the webui 1.10.1 ships: no torch.amp.GradScaler
 
 
 def _autocast(config: TrainConfig, host):
