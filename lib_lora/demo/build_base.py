@@ -93,6 +93,7 @@ class BuildConfig:
     photos: bool = True  # natural photos in the VAE's batches (needs requirements-build.txt)
     light_share: float = 0.0  # of the pool's scenes on light backgrounds
     vae_norm_groups: int = TINY_VAE.norm_groups
+    latent_channels: int = TINY_VAE.z_channels  # the VAE's z, the UNet's in and out: 4 carries photos at 22.6 dB at best
     pool_size: int = 16_000
     check_images: int = 128  # full-size images that measure the latent scale and the codec
     latent_std: float = 1.0  # of the UNet's latents; below SD's 1 shifts every step toward noise
@@ -130,7 +131,7 @@ class StageFile:
 
 @dataclass(frozen=True)
 class LatentPool:
-    latents: torch.Tensor  # [N, 4, h, w] fp16, already times the VAE's scale_factor
+    latents: torch.Tensor  # [N, z, h, w] fp16, already times the VAE's scale_factor
     tokens: torch.Tensor  # [N, 2, 77] int32: the caption in each of CAPTION_STYLES
 
 
@@ -150,7 +151,7 @@ def caption_tokens(scenes) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_scenes(vae: AutoencoderKL, scenes, batch_size: int = 256) -> torch.Tensor:
-    """Scaled posterior means [N, 4, h, w] in fp16 (kohya's latent cache keeps the mean too)."""
+    """Scaled posterior means [N, z, h, w] in fp16 (kohya's latent cache keeps the mean too)."""
     chunks = [scenes[i : i + batch_size] for i in range(0, len(scenes), batch_size)]
     return torch.cat([vae.encode(to_pixels([render(s) for s in chunk])).half() for chunk in tqdm(chunks, desc="pool")])
 
@@ -207,17 +208,52 @@ def zero_init_outputs(unet: UNetModel) -> UNetModel:
     return unet
 
 
-def new_denoiser(seed: int, used_ids: torch.Tensor, start: Checkpoint | None = None) -> nn.ModuleDict:
+def new_denoiser(seed: int, used_ids: torch.Tensor, start: Checkpoint | None = None, latent_channels: int = TINY_UNET.in_channels
+                 ) -> nn.ModuleDict:
     """The UNet and text encoder to train (the latter training only the `used_ids` rows): freshly
-    initialised, or `start`'s."""
+    initialised, or `start`'s (its UNet widened to `latent_channels` if it had fewer, see `load_widened`)."""
     torch.manual_seed(seed)
+    config = replace(TINY_UNET, in_channels=latent_channels, out_channels=latent_channels)
     if start is None:
-        unet, text_encoder = zero_init_outputs(UNetModel(TINY_UNET)), TextEncoder(TINY_TEXT)
+        unet, text_encoder = zero_init_outputs(UNetModel(config)), TextEncoder(TINY_TEXT)
     else:
-        unet, text_encoder = start.unet.requires_grad_(True), start.text_encoder.requires_grad_(True)
+        unet, text_encoder = UNetModel(config), start.text_encoder.requires_grad_(True)
+        load_widened(unet, start.unet.state_dict(), start.unet.config.in_channels, latent_channels)
     embeddings = text_encoder.transformer.text_model.embeddings
     embeddings.token_embedding = UsedRowsEmbedding(embeddings.token_embedding, used_ids)
     return nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+
+
+@torch.no_grad()
+def load_widened(module: nn.Module, state: dict[str, torch.Tensor], old_channels: int, new_channels: int) -> None:
+    """`state`, from the same model with `old_channels` latent channels, into `module` built with `new_channels`.
+
+    Each old latent channel keeps its place (a posterior's [mean; logvar] rows each at the start of their
+    half), so the wider model starts out computing exactly what the old one did: the new channels'
+    weights in layers that read latents start at zero, and layers that write them keep their fresh init.
+    """
+    target = module.state_dict()
+    for key, old in state.items():
+        wide = target[key]
+        if old.shape == wide.shape:
+            wide.copy_(old)
+            continue
+        rows = _latent_positions(old.shape[0], wide.shape[0], old_channels, new_channels)
+        if old.dim() == 1:
+            wide[rows] = old
+            continue
+        columns = _latent_positions(old.shape[1], wide.shape[1], old_channels, new_channels)
+        wide[rows] = 0
+        wide[rows[:, None], columns[None, :]] = old
+
+
+def _latent_positions(old: int, new: int, old_channels: int, new_channels: int) -> torch.Tensor:
+    """Where an axis's `old` entries sit among its `new` ones: in place, or in each half of a posterior's 2z."""
+    if old == new or old == old_channels:
+        return torch.arange(old)
+    if (old, new) != (2 * old_channels, 2 * new_channels):
+        raise BuildError(f"cannot widen an axis of {old} to {new} for {old_channels} -> {new_channels} latent channels")
+    return torch.cat([torch.arange(old_channels), new_channels + torch.arange(old_channels)])
 
 
 def diffusion_batch(pool: LatentPool, settings: DiffusionSettings, seed: int, step: int, empty: torch.Tensor):
@@ -228,7 +264,7 @@ def diffusion_batch(pool: LatentPool, settings: DiffusionSettings, seed: int, st
     index = torch.randint(len(pool.latents), (b,), generator=generator)
     tokens = pool.tokens[index, torch.randint(len(CAPTION_STYLES), (b,), generator=generator)].long()  # [B, 77]
     tokens[torch.rand(b, generator=generator) < settings.caption_dropout] = empty
-    latents = pool.latents[index].float()  # [B, 4, h, w]
+    latents = pool.latents[index].float()  # [B, z, h, w]
     noise = torch.randn(latents.shape, generator=generator)
     if settings.noise_offset:
         noise = offset_noise(noise, settings.noise_offset, generator)
@@ -327,9 +363,12 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     prepare_work(work, config, resume)
     torch.manual_seed(config.seed)
     start = starting_checkpoint(init_from, config.init_from)
-    vae = narrow_posterior(AutoencoderKL(replace(TINY_VAE, norm_groups=config.vae_norm_groups)))
+    if start is not None and start.vae.config.z_channels > config.latent_channels:
+        raise BuildError(f"{init_from} has {start.vae.config.z_channels} latent channels; a build from it needs at least as many "
+                         f"(--latent-channels {start.vae.config.z_channels})")
+    vae = narrow_posterior(AutoencoderKL(replace(TINY_VAE, norm_groups=config.vae_norm_groups, z_channels=config.latent_channels)))
     if start is not None:
-        vae.load_state_dict(start.vae.state_dict())
+        load_widened(vae, start.vae.state_dict(), start.vae.config.z_channels, config.latent_channels)
         vae.scale_factor = start.vae.scale_factor
     anchor = None if start is None else start.vae.requires_grad_(False)
     def stage_file(name: str) -> StageFile:
@@ -343,7 +382,7 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
     pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt", config.light_share)
     used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
-    denoiser = new_denoiser(config.seed, used_ids, start)
+    denoiser = new_denoiser(config.seed, used_ids, start, config.latent_channels)
     ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, stage_file)
     export(vae, ema, out, config)
 
@@ -377,6 +416,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, help="start the VAE and the denoiser from this checkpoint (e.g. the shipped one)")
     parser.add_argument("--anchor-weight", type=float, default=1.0, help="with --init-from: how strongly world latents stay put")
     parser.add_argument("--vae-norm-groups", type=int, default=BuildConfig.vae_norm_groups, help="the VAE's GroupNorm groups (ldm: 32)")
+    parser.add_argument("--latent-channels", type=int, default=BuildConfig.latent_channels,
+                        help="latent channels of the VAE and UNet (SD1: 4); a wider start is refused, a narrower one widened")
     parser.add_argument("--light-share", type=float, default=BuildConfig.light_share, help="share of light backgrounds in the pool")
     parser.add_argument("--no-photos", action="store_true", help="train the VAE without natural photos (no scikit-image)")
     parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
@@ -397,6 +438,7 @@ def main(argv=None) -> None:
         photos=not args.no_photos,
         light_share=args.light_share,
         vae_norm_groups=args.vae_norm_groups,
+        latent_channels=args.latent_channels,
         vae=VAESettings(phases=tuple(replace(phase, steps=steps) for phase, steps in zip(VAE_PHASES, args.vae_steps)),
                         anchor_weight=args.anchor_weight if args.init_from else 0.0),
         pool_size=args.pool_size,

@@ -104,7 +104,7 @@ def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generato
              anchor: AutoencoderKL | None = None, world: int = 0):
     """(loss, reconstruction part): MSE of a posterior sample's decoding, + kl_weight * KL, + anchor_weight
     * MSE of the first `world` pictures' latent means against the `anchor` VAE's."""
-    mean, logvar = vae.encode_moments(pixels)  # [B, 4, h, w] each
+    mean, logvar = vae.encode_moments(pixels)  # [B, z, h, w] each
     noise = torch.randn(mean.shape, generator=generator)
     decoded = vae.decoder(vae.post_quant_conv(mean + (0.5 * logvar).exp() * noise))  # [B, 3, H, W]
     error = decoded - pixels
@@ -114,7 +114,7 @@ def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generato
     if anchor is not None and settings.anchor_weight:
         with torch.no_grad():
             target = anchor.encode_moments(pixels[:world])[0]
-        loss = loss + settings.anchor_weight * (mean[:world] - target).pow(2).mean()
+        loss = loss + settings.anchor_weight * (mean[:world, : target.shape[1]] - target).pow(2).mean()  # its channels of a wider latent
     return loss, reconstruction
 
 

@@ -244,10 +244,15 @@ def _check_format(path, state: dict[str, torch.Tensor], arch: str) -> None:
     for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), *((p, "text encoder") for p in text_prefixes(arch))):
         if not any(k.startswith(prefix) for k in state):
             raise CheckpointError(f"{path}: no {what} weights (no keys starting with {prefix!r}); not an {ARCH_NAMES[arch]} checkpoint")
-    in_channels = state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] if UNET_PREFIX + "input_blocks.0.0.weight" in state else 4
-    if in_channels != 4:
+    in_channels = _shape(state, UNET_PREFIX + "input_blocks.0.0.weight", 1, default=4)
+    latent_channels = _shape(state, VAE_PREFIX + "post_quant_conv.weight", 0, default=4)  # SD's 4; the tiny base may have more
+    if in_channels != latent_channels:
         raise CheckpointError(f"{path}: its UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "
-                              f"model); LoRA training needs a plain text-to-image model (4 channels)")
+                              f"model); LoRA training needs a plain text-to-image model ({latent_channels} channels, as its VAE's latents)")
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str, axis: int, default: int) -> int:
+    return state[key].shape[axis] if key in state else default
 
 
 def _parameterization(state: Mapping[str, torch.Tensor], meta: dict[str, str]) -> str | None:
