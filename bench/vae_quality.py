@@ -12,7 +12,7 @@ then prints the mean absolute error per pixel (0-255 levels) and the PSNR over e
 Seeds differ from every stream the build trains on. Target (issue #17): PSNR >= 28 dB on each set.
 Several checkpoints print side by side (e.g. a new build against the shipped one). The last line is a
 reference for what the latent's size allows: the best linear codec with the same numbers per picture
-(PCA of 4x4 pixel patches keeping 4 components, as 16x16x4 latents keep of 64x64x3 pixels), fitted on
+(PCA of 4x4 pixel patches keeping z components, as 16x16xz latents keep of 64x64x3 pixels), fitted on
 the VAE's own training mix (build_vae.codec_pictures) and tried on the same held-out sets.
 """
 
@@ -105,10 +105,13 @@ def main():
     sets = held_out_sets(args.count)
     print(f"VAE round trip (posterior mean), {args.count} held-out 64 px pictures per set; MAE in 0-255 levels")
     print(f"{'checkpoint':<32}" + "".join(f"{name:>24}" for name in sets))
+    latent_channels = []
     for path in args.checkpoint:
         vae = load_checkpoint(path).vae.float()
         print(row(path.name, [round_trip_errors(vae, images) for images in sets.values()]))
-    print(row("linear codec, same latent size", linear_codec_errors(sets)))
+        latent_channels.append(vae.config.z_channels)
+    for channels in sorted(set(latent_channels)):  # a 16x16 latent pixel holds a 4x4 patch's 48 values in `channels`
+        print(row(f"linear codec, 16x16x{channels} latent", linear_codec_errors(sets, components=channels)))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class VAESettings:
     phases: tuple[VAEPhase, ...] = VAE_PHASES
     kl_weight: float = 1e-4  # per latent element, against the per-pixel reconstruction loss
     anchor_weight: float = 0.0  # dark world scenes' latent means to the initial VAE's (builds that start from one)
+    codec_mix: tuple[float, ...] = CODEC_MIX  # shares of dark and light world scenes, broad pictures and photos
 
 
 def codec_scenes(rng: np.random.Generator, count: int, light_share: float = 0.0) -> list:
@@ -69,10 +70,10 @@ def codec_scenes(rng: np.random.Generator, count: int, light_share: float = 0.0)
     return [sample_scene(rng, SHAPES, tuple(COLOURS), random_rgb=bool(i % 2), light_share=light_share) for i in range(count)]
 
 
-def codec_pictures(rng: np.random.Generator, count: int, photos: list) -> tuple[list, int]:
-    """(pictures, how many dark world scenes lead them): `CODEC_MIX` of dark and light world scenes,
+def codec_pictures(rng: np.random.Generator, count: int, photos: list, mix: tuple[float, ...] = CODEC_MIX) -> tuple[list, int]:
+    """(pictures, how many dark world scenes lead them): `mix` of dark and light world scenes,
     broad pictures and photo crops (broad pictures instead of photos when there are none)."""
-    dark, light, broad = (max(1, round(count * share)) for share in CODEC_MIX[:3])
+    dark, light, broad = (max(1, round(count * share)) for share in mix[:3])
     broad = broad if photos else max(0, count - dark - light)
     pictures = [render(scene) for scene in codec_scenes(rng, dark) + codec_scenes(rng, light, light_share=1.0)]
     pictures += [broad_image(rng) for _ in range(broad)]
@@ -91,11 +92,12 @@ def random_crops(pixels: torch.Tensor, crop: int, grid: int, rng: np.random.Gene
     return torch.stack([p[:, y : y + crop, x : x + crop] for p, (y, x) in zip(pixels, offsets)])
 
 
-def vae_batch(phase: VAEPhase, key: list[int], grid: int, photos: list) -> tuple[torch.Tensor, int, torch.Generator]:
+def vae_batch(phase: VAEPhase, key: list[int], grid: int, photos: list, mix: tuple[float, ...] = CODEC_MIX
+              ) -> tuple[torch.Tensor, int, torch.Generator]:
     """(crops, how many dark world scenes lead them, generator of the posterior noise) of `key` ([seed, phase,
     step]), drawn from the key alone, so a resumed build draws exactly what an uninterrupted one would."""
     rng = np.random.default_rng([VAE_STREAM, *key])
-    pictures, world = codec_pictures(rng, phase.batch_size, photos)
+    pictures, world = codec_pictures(rng, phase.batch_size, photos, mix)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     return random_crops(to_pixels(pictures), phase.crop, grid, rng), world, generator
 
@@ -148,7 +150,7 @@ def train_phase(vae: AutoencoderKL, phase: VAEPhase, settings: VAESettings, key:
     vae.train()
     with tqdm(total=phase.steps, initial=step, desc=f"vae {phase.crop}px", unit="step") as bar:
         while step < phase.steps:
-            pixels, world, generator = vae_batch(phase, key + [step], vae.config.downsampling_factor, photos)
+            pixels, world, generator = vae_batch(phase, key + [step], vae.config.downsampling_factor, photos, settings.codec_mix)
             loss, reconstruction = vae_loss(vae, pixels, generator, settings, anchor, world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
