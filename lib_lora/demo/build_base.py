@@ -419,6 +419,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent-channels", type=int, default=BuildConfig.latent_channels,
                         help="latent channels of the VAE and UNet (SD1: 4); a wider start is refused, a narrower one widened")
     parser.add_argument("--light-share", type=float, default=BuildConfig.light_share, help="share of light backgrounds in the pool")
+    parser.add_argument("--vae-kl-weight", type=float, default=VAESettings.kl_weight,
+                        help="the VAE's KL term per latent element (a larger one leaves more posterior noise in each channel)")
     parser.add_argument("--codec-mix", type=float, nargs=4, default=list(VAESettings.codec_mix), metavar=("DARK", "LIGHT", "BROAD", "PHOTOS"),
                         help="shares of each VAE batch: dark and light world scenes, broad pictures, photo crops")
     parser.add_argument("--no-photos", action="store_true", help="train the VAE without natural photos (no scikit-image)")
@@ -442,7 +444,8 @@ def main(argv=None) -> None:
         vae_norm_groups=args.vae_norm_groups,
         latent_channels=args.latent_channels,
         vae=VAESettings(phases=tuple(replace(phase, steps=steps) for phase, steps in zip(VAE_PHASES, args.vae_steps)),
-                        anchor_weight=args.anchor_weight if args.init_from else 0.0, codec_mix=tuple(args.codec_mix)),
+                        anchor_weight=args.anchor_weight if args.init_from else 0.0, codec_mix=tuple(args.codec_mix),
+                        kl_weight=args.vae_kl_weight),
         pool_size=args.pool_size,
         latent_std=args.latent_std,
         diffusion=DiffusionSettings(
