@@ -22,7 +22,6 @@ import contextlib
 import sys
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -121,7 +120,7 @@ class NodeTagger(TorchFunctionMode):
         node.register_prehook(pre_hook)
 
 
-@contextmanager
+@contextlib.contextmanager
 def regions(counter: AttributedCounter, tagger: NodeTagger, host):
     """Forward regions: the frozen UNet and text encoders (module hooks) and each adapter (its hook, patched;
     its output's node tagged too, as autograd Functions are not torch functions the tagger sees)."""

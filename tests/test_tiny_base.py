@@ -117,6 +117,8 @@ def test_a_model_widened_to_more_latent_channels_computes_what_it_did_until_trai
     wide_unet = UNetModel(replace(TINY_UNET, in_channels=8, out_channels=8)).eval()
     load_widened(wide_vae, old_vae.state_dict(), 4, 8)
     load_widened(wide_unet, old_unet.state_dict(), 4, 8)
+    with pytest.raises(BuildError, match="keys differ"):  # another model's weights are refused, not half loaded
+        load_widened(UNetModel(TINY_UNET), old_vae.state_dict(), 4, 4)
     pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
     with torch.no_grad():
         (old_mean, old_logvar), (mean, logvar) = old_vae.encode_moments(pixels), wide_vae.encode_moments(pixels)

@@ -233,6 +233,8 @@ def load_widened(module: nn.Module, state: dict[str, torch.Tensor], old_channels
     weights in layers that read latents start at zero, and layers that write them keep their fresh init.
     """
     target = module.state_dict()
+    if state.keys() != target.keys():
+        raise BuildError(f"cannot widen: the starting model's keys differ from the build's ({sorted(state.keys() ^ target.keys())[:3]})")
     for key, old in state.items():
         wide = target[key]
         if old.shape == wide.shape:

@@ -6,6 +6,7 @@ and the webui's `extensions-builtin/Lora/{network.py, network_lora.py, network_h
 network_lokr.py, lyco_helpers.py}`, whose math the delta weights here must equal.
 """
 
+import functools
 from collections.abc import Sequence
 from math import isqrt
 
@@ -342,12 +343,19 @@ def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: 
 
 
 def _compiling() -> bool:
-    """Whether dynamo is tracing this call: `torch.compiler.is_compiling` from torch 2.3, dynamo's own before it
-    (the webui 1.10.1 ships torch 2.1, whose `torch.compiler` has no `is_compiling`)."""
+    """Whether dynamo is tracing this call (asked on every adapter forward: the check is looked up once)."""
+    return _is_compiling_check()()
+
+
+@functools.cache
+def _is_compiling_check():
+    """`torch.compiler.is_compiling` from torch 2.3, dynamo's own before it (the webui 1.10.1 ships torch 2.1, whose
+    `torch.compiler` has no `is_compiling`); looked up at the first adapter forward, not at import, as importing
+    torch._dynamo takes a second (in training it is imported already: every torch optimizer imports it)."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     if is_compiling is None:
-        from torch._dynamo import is_compiling  # in training already imported: every torch optimizer imports it
-    return is_compiling()
+        from torch._dynamo import is_compiling
+    return is_compiling
 
 
 def _reshaped_product(output: torch.Tensor) -> bool:
