@@ -142,3 +142,19 @@ def test_a_build_widens_an_earlier_model_to_more_latent_channels_and_loads(tmp_p
     with pytest.raises(BuildError, match="--latent-channels 8"):
         build(replace(SMALL, init_from=file_sha256(tmp_path / "wide.safetensors")), tmp_path / "third",
               tmp_path / "narrow.safetensors", init_from=tmp_path / "wide.safetensors")
+
+
+def test_a_fresh_denoiser_takes_only_the_vae_of_the_earlier_model(tmp_path):
+    """A denoiser fine-tuned onto new latent channels does not learn to denoise them (RESULTS.md, build 3):
+    `--fresh-denoiser` keeps the earlier VAE and trains the UNet and text encoder from scratch."""
+    earlier = tmp_path / "earlier.safetensors"
+    build(SMALL, tmp_path / "first", earlier)
+    no_steps = replace(SMALL, init_from=file_sha256(earlier), fresh_denoiser=True,
+                       vae=replace(SMALL.vae, phases=tuple(replace(p, steps=0) for p in SMALL.vae.phases)),
+                       diffusion=replace(SMALL.diffusion, phases=tuple(replace(p, steps=0) for p in SMALL.diffusion.phases)))
+    build(no_steps, tmp_path / "second", tmp_path / "fresh.safetensors", init_from=earlier)
+    start, fresh = load_checkpoint(earlier), load_checkpoint(tmp_path / "fresh.safetensors")
+    assert torch.equal(fresh.vae.decoder.conv_out.weight, start.vae.decoder.conv_out.weight)
+    assert not fresh.unet.out[-1].weight.any() and start.unet.out[-1].weight.any()  # ldm's zero init, not the start's
+    with pytest.raises(SystemExit):
+        build_base.parse_args(["--work", str(tmp_path / "w"), "--fresh-denoiser"])

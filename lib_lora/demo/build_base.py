@@ -18,7 +18,9 @@ Three stages, each resumable from its file in the work folder (saved every few m
 The UNet and text encoder never see a star or anything purple: those are what LoRA demos teach.
 `--init-from FILE` continues from an earlier build instead of starting from scratch (its sha256 is
 recorded in the config): the VAE starts from its VAE, anchored to its latents, and the UNet and text
-encoder from its own, so the diffusion phases fine-tune (`--steps 0 N M` skips the first).
+encoder from its own, so the diffusion phases fine-tune (`--steps 0 N M` skips the first); with
+`--fresh-denoiser` only the VAE comes from it (e.g. one widened to more latent channels, whose new
+channels a fine-tuned denoiser does not learn to denoise) and the diffusion stages run from scratch.
 The result is written in ldm layout in fp16 and loads through `load_checkpoint` like any SD1 file.
 """
 from __future__ import annotations
@@ -90,6 +92,7 @@ class BuildConfig:
 
     seed: int = 0
     init_from: str = ""  # sha256 of the checkpoint the VAE and denoiser start from; "" trains from scratch
+    fresh_denoiser: bool = False  # with init_from: only the VAE starts from it; the UNet and text encoder from scratch
     photos: bool = True  # natural photos in the VAE's batches (needs requirements-build.txt)
     light_share: float = 0.0  # of the pool's scenes on light backgrounds
     vae_norm_groups: int = TINY_VAE.norm_groups
@@ -361,7 +364,8 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
           init_from: Path | None = None) -> None:
     """Run (or continue) every stage and write the checkpoint to `out`. With `init_from` (whose
     sha256 must be `config.init_from`) the VAE and the denoiser start from that checkpoint's, the VAE
-    anchored to it (build_vae) and keeping its latent scale, so the denoiser's phases fine-tune."""
+    anchored to it (build_vae) and keeping its latent scale, so the denoiser's phases fine-tune; with
+    `config.fresh_denoiser` the denoiser is new and the latent scale measured as in a build from scratch."""
     prepare_work(work, config, resume)
     torch.manual_seed(config.seed)
     start = starting_checkpoint(init_from, config.init_from)
@@ -379,12 +383,13 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     photos = load_photos(photo_paths()) if config.photos else []
     train_vae(vae, config.vae, config.seed, stage_file, photos, anchor)
     check = check_images(config.seed, config.check_images)
-    if start is None:
+    denoiser_start = None if config.fresh_denoiser else start
+    if denoiser_start is None:
         vae.scale_factor = latent_scale(vae, check, config.latent_std)
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
     pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt", config.light_share)
     used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
-    denoiser = new_denoiser(config.seed, used_ids, start, config.latent_channels)
+    denoiser = new_denoiser(config.seed, used_ids, denoiser_start, config.latent_channels)
     ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, stage_file)
     export(vae, ema, out, config)
 
@@ -416,6 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"VAE steps of each phase ({', '.join(f'{p.crop} px crops' for p in VAE_PHASES)})",
     )
     parser.add_argument("--init-from", type=Path, help="start the VAE and the denoiser from this checkpoint (e.g. the shipped one)")
+    parser.add_argument("--fresh-denoiser", action="store_true",
+                        help="with --init-from: take only its VAE; train the UNet and text encoder from scratch")
     parser.add_argument("--anchor-weight", type=float, default=1.0, help="with --init-from: how strongly world latents stay put")
     parser.add_argument("--vae-norm-groups", type=int, default=BuildConfig.vae_norm_groups, help="the VAE's GroupNorm groups (ldm: 32)")
     parser.add_argument("--latent-channels", type=int, default=BuildConfig.latent_channels,
@@ -432,7 +439,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise-discount", type=float, default=DiffusionSettings.noise_discount)
     parser.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves")
     parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.fresh_denoiser and not args.init_from:
+        parser.error("--fresh-denoiser takes the VAE from --init-from; without it the whole build is from scratch already")
+    return args
 
 
 def main(argv=None) -> None:
@@ -441,6 +451,7 @@ def main(argv=None) -> None:
     config = BuildConfig(
         seed=args.seed,
         init_from=file_sha256(args.init_from) if args.init_from else "",
+        fresh_denoiser=args.fresh_denoiser,
         photos=not args.no_photos,
         light_share=args.light_share,
         vae_norm_groups=args.vae_norm_groups,

@@ -61,6 +61,10 @@ class Host(ABC):
         carry `<lora:name:w>` tags naming files in `lora_dir`, applied for this call only; `embeddings`
         replace their tokens in the prompts."""
 
+    def release_vae_encoder(self) -> None:
+        """Every latent the run needs is cached: a host that owns its VAE may free the encoder until
+        `encode_pixels` needs it again (the webui's VAE is the webui's: kept)."""
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute UNet blocks in backward (our UNetModel's switch; hosts with other models override)."""
         self.unet.gradient_checkpointing = enabled

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from ..demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE
-from ..models.checkpoint import Checkpoint, load_checkpoint
+from ..models.checkpoint import Checkpoint, load_checkpoint, load_vae_encoder
 from ..models.pipeline import Embeddings, GenerationParams, encode_prompts, schedule_for
 from ..networks.apply import generate_with_loras
 from ..networks.targets import text_models_for
@@ -44,7 +44,19 @@ class StandaloneHost(Host):
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.ckpt.vae
-        return vae.encode(pixels.to(self.device, next(vae.parameters()).dtype)).float()
+        if vae.encoder is None:  # released: read it from the file again
+            fresh = load_vae_encoder(self.checkpoint_path, self._released_encoder_dtype, self.device)
+            vae.encoder, vae.quant_conv = fresh.encoder, fresh.quant_conv
+        return vae.encode(pixels.to(self.device, next(vae.encoder.parameters()).dtype)).float()
+
+    def release_vae_encoder(self) -> None:
+        """Free the VAE's encoder (SD1.5: 130 MiB in fp32) while every latent a run needs is cached; it is read
+        from the checkpoint again if anything encodes later."""
+        vae = self.ckpt.vae
+        if self.checkpoint_path is None or vae.encoder is None:
+            return  # a model not loaded from a file has nowhere to come back from
+        self._released_encoder_dtype = next(vae.encoder.parameters()).dtype
+        vae.encoder = vae.quant_conv = None
 
     def encode_text(self, captions: list[str], clip_skip: int, embeddings: Embeddings | None = None):
         return encode_prompts(self.ckpt, captions, clip_skip, embeddings)

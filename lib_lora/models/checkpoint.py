@@ -324,7 +324,6 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         text_configs = [infer(sd, meta, heads_key) for sd, _, _, infer, heads_key in text_sds]
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to read the {ARCH_NAMES[arch]} architecture") from e
-    scale = float(meta.get("lib_lora.scale_factor", DEFAULT_LATENT_SCALE[arch]))
     texts = [_build(path, cls, config, sd, prefix, dtype).to(device) for (sd, prefix, cls, _, _), config in zip(text_sds, text_configs)]
     unet = _build(path, UNetModel, unet_config, unet_sd, UNET_PREFIX, dtype).to(device)
     parameterization = parameterization or _parameterization(state, meta)
@@ -332,14 +331,28 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         parameterization = "v" if arch == "sd2" and sd2_predicts_v(unet) else "eps"
     return Checkpoint(
         unet=unet,
-        vae=_build(path, AutoencoderKL, vae_config, vae_sd if vae_decoder else vae_sd.without(DECODER_PREFIXES), VAE_PREFIX, dtype,
-                   scale_factor=scale, decoder=vae_decoder).to(device),
+        vae=_build_vae(path, vae_sd, vae_config, meta, arch, dtype, vae_decoder).to(device),
         text_encoder=texts[0],
         text_encoder_2=texts[1] if len(texts) > 1 else None,
         parameterization=parameterization,
         metadata=meta,
         arch=arch,
     )
+
+
+def _build_vae(path, vae_sd: Component, config: VAEConfig, meta: dict[str, str], arch: str, dtype, decoder: bool) -> AutoencoderKL:
+    scale = float(meta.get("lib_lora.scale_factor", DEFAULT_LATENT_SCALE[arch]))
+    return _build(path, AutoencoderKL, config, vae_sd if decoder else vae_sd.without(DECODER_PREFIXES), VAE_PREFIX, dtype,
+                  scale_factor=scale, decoder=decoder)
+
+
+def load_vae_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> AutoencoderKL:
+    """The checkpoint's VAE without its decoder, and nothing else read: for a host that released its encoder
+    once every latent was cached (StandaloneHost.release_vae_encoder) and is asked to encode again."""
+    state, meta = _open_tensors(path)
+    arch = detect_architecture(state)
+    vae_sd = Component(state, VAE_PREFIX, [k for k in state if k.startswith(VAE_PREFIX)])
+    return _build_vae(path, vae_sd, infer_vae_config(vae_sd, meta), meta, arch, dtype, decoder=False).to(device)
 
 
 def checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:

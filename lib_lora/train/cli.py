@@ -38,9 +38,9 @@ class ProgressBar:
         self.bar = None
 
     def __call__(self, event) -> None:
-        if event.kind == "prepare":  # class images, before training starts
+        if event.kind == "prepare":  # class images, latents: before training starts
             if self.bar is None:
-                self.bar = tqdm(total=event.total_steps, desc="class images", unit="image")
+                self.bar = tqdm(total=event.total_steps, desc=event.message.partition(":")[0], unit="image")
             self.bar.update(event.step - self.bar.n)
             if event.step == event.total_steps:
                 self.bar.close()

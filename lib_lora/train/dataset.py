@@ -162,6 +162,17 @@ class BatchEncoder:
         mask = np.asarray(apply_fit(Image.fromarray(alpha), plan, flip), dtype=np.float32)
         return latent, torch.from_numpy(mask.clip(0, 1))[None], sizes
 
+    def full_cache(self, samples: list[Sample]) -> list[tuple[Sample, FitPlan, bool]]:
+        """What a full latent cache of `samples` holds: each distinct image and bucket, with each flip the run can
+        draw, fitted as `fit` fits it (a cacheable run never crops at random). Empty when latents are not cached."""
+        if self.cache is None:
+            return []
+        flips = (False, True) if self.config.flip_aug else (False,)
+        unique = dict.fromkeys(Sample(s.item, tuple(s.bucket)) for s in samples)
+        plans = {s: plan_fit(s.item.size, s.bucket, random_crop=False, rng=None, resized_size=self.choices[s.item].resized_size)
+                 for s in unique}
+        return [(s, plans[s], flip) for s in unique for flip in flips]
+
     def encode(self, samples: list[Sample], rng: random.Random, keep: slice = slice(None)) -> Batch:
         """The batch's tensors, of the `keep` rows only (a process's shard); every sample's random choices
         are drawn all the same, so the kept rows are what encoding the whole batch would give."""

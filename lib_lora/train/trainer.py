@@ -106,7 +106,7 @@ def _with_class_images(config: TrainConfig, host, data: TrainingData, run: RunFo
     folder = run.path / CLASS_FOLDER
     if distributed.is_main:
         def progress(done: int, total: int) -> None:
-            emit(TrainEvent("prepare", done, total, message=f"class image {done}/{total} drawn with the base model"))
+            emit(TrainEvent("prepare", done, total, message=f"class images: {done}/{total} drawn with the base model"))
 
         make_class_images(host, config, [item.caption for item in data.train.items()], folder, progress)
     distributed.any(False)  # a barrier: every process reads the finished folder
@@ -114,6 +114,18 @@ def _with_class_images(config: TrainConfig, host, data: TrainingData, run: RunFo
 
 
 def _train_in(run: RunFolder, config: TrainConfig, host, data: TrainingData, resume: bool, emit, distributed: Distributed) -> TrainResult:
+    try:
+        encoder = BatchEncoder(host, config, data.choices, run.path / "latents" if config.cache_latents_to_disk else None)
+        _check_latent_cache_room(encoder, data, config)
+        _cache_latents_first(config, host, data, encoder, emit)
+        return _train_with(run, config, host, data, encoder, resume, emit, distributed)
+    except DiskFullError as error:
+        raise TrainingError(f"{error}. Training stopped; once there is room, resume the run folder {run.path} "
+                            "(--resume, or Resume in the tab) to go on from its last saved state") from error
+
+
+def _train_with(run: RunFolder, config: TrainConfig, host, data: TrainingData, encoder: BatchEncoder, resume: bool, emit,
+                distributed: Distributed) -> TrainResult:
     emit(TrainEvent("start", total_steps=data.steps.total_steps, message=data.steps.describe()))
     for note in plan_warnings(config, data, BaseModel.of(host)):
         emit(TrainEvent("warning", message=note))
@@ -149,10 +161,7 @@ def _train_in(run: RunFolder, config: TrainConfig, host, data: TrainingData, res
         keep_freed_memory()  # a fifth of a CPU step was page faults (see cpu_memory.py)
     try:
         with network:  # hooks live only inside; removed even on errors
-            return _run(config, host, data, network, run, resume, emit, distributed)
-    except DiskFullError as error:
-        raise TrainingError(f"{error}. Training stopped; once there is room, resume the run folder {run.path} "
-                            "(--resume, or Resume in the tab) to go on from its last saved state") from error
+            return _run(config, host, data, network, encoder, run, resume, emit, distributed)
     finally:
         host.set_gradient_checkpointing(False)
         torch.set_rng_state(outer_rng)
@@ -205,7 +214,23 @@ def _set_lr(optimizer, config: TrainConfig, step: int, total: int) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool, emit, distributed: Distributed) -> TrainResult:
+def _cache_latents_first(config: TrainConfig, host, data: TrainingData, encoder: BatchEncoder, emit) -> None:
+    """kohya's cache_latents: when the run draws at least as many samples as a full latent cache holds, every latent
+    is encoded before the first step, and then the host may free its VAE encoder (SD1.5: 130 MiB; the held-out
+    validation images are encoded as they are used, so it stays for them). A shorter run encodes as it goes."""
+    entries = encoder.full_cache(data.samples)
+    drawn = data.steps.total_steps * config.train_batch_size * config.gradient_accumulation_steps
+    if not entries or drawn < len(entries):
+        return
+    for done, (sample, plan, flip) in enumerate(entries, 1):
+        encoder.latents(sample, plan, flip)
+        emit(TrainEvent("prepare", done, len(entries), message=f"caching latents: {done}/{len(entries)}"))
+    if not data.validation_samples:
+        host.release_vae_encoder()
+
+
+def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: RunFolder, resume: bool, emit,
+         distributed: Distributed) -> TrainResult:
     data_rng, noise_rng = _seeded_rngs(config)
     optimizer = _make_optimizer(config, network, host)
     progress = run.load_state(network, optimizer, data_rng, noise_rng) if resume and run.has_state() else Progress()
@@ -213,8 +238,6 @@ def _run(config, host, data: TrainingData, network, run: RunFolder, resume: bool
     if resume and distributed.is_main:
         run.truncate_log(progress.global_step)
     saver = LoraSaver(config, host, data, run) if distributed.is_main else None
-    encoder = BatchEncoder(host, config, data.choices, run.path / "latents" if config.cache_latents_to_disk else None)
-    _check_latent_cache_room(encoder, data, config)
     scaler = _grad_scaler(config, host)
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
