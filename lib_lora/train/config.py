@@ -53,7 +53,7 @@ class TrainConfig:
     bucket_no_upscale: bool = _opt(False, "never upscale small images into a bucket")
     random_crop: bool = _opt(False, "random instead of center crop")
     flip_aug: bool = _opt(False, "random horizontal flips")
-    cache_latents: bool = _opt(True, "encode each image once (not with random crop/flip, which change it per step)")
+    cache_latents: bool = _opt(True, "encode each image once (not with random crop), all before the first step when the run uses them all")
     cache_latents_to_disk: bool = _opt(False, "keep the latent cache in the run folder between runs")
     allow_unreadable_images: bool = _opt(False, "skip unreadable images (listed) instead of refusing to start")
     prior_loss_weight: float = _opt(1.0, "loss weight of regularization images")
