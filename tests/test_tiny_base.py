@@ -11,9 +11,9 @@ from lib_lora.demo import build_base
 from lib_lora.demo.analyzer import analyze
 from lib_lora.demo.build_base import (BuildConfig, BuildError, DiffusionPhase, DiffusionSettings, build, caption_tokens, file_sha256,
                                       load_widened, pool_scenes)
-from lib_lora.demo.build_vae import VAEPhase, VAESettings, codec_scenes
+from lib_lora.demo.build_vae import VAEPhase, VAESettings, codec_scenes, standardize_latents, to_pixels
 from lib_lora.demo.tiny import DEFAULT_CHECKPOINT, IMAGE_SIZE, TINY_TEXT, TINY_UNET, TINY_VAE
-from lib_lora.demo.world import HELD_OUT_COLOURS, HELD_OUT_SHAPES
+from lib_lora.demo.world import HELD_OUT_COLOURS, HELD_OUT_SHAPES, render
 from lib_lora.models.checkpoint import load_checkpoint
 from lib_lora.models.pipeline import GenerationParams, generate
 from lib_lora.models.tokenizer import get_tokenizer
@@ -158,3 +158,26 @@ def test_a_fresh_denoiser_takes_only_the_vae_of_the_earlier_model(tmp_path):
     assert not fresh.unet.out[-1].weight.any() and start.unet.out[-1].weight.any()  # ldm's zero init, not the start's
     with pytest.raises(SystemExit):
         build_base.parse_args(["--work", str(tmp_path / "w"), "--fresh-denoiser"])
+
+
+def test_standardized_latents_have_unit_channels_and_decode_to_the_same_pixels():
+    """A VAE with a small KL weight spreads its latent channels unevenly; one scale_factor leaves the narrow ones
+    to the UNet's noise (build 3's muted backgrounds). Folded into the 1x1 convs around the latent, each channel
+    comes out at zero mean and unit std, and the ldm file decodes exactly what it did."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(replace(TINY_VAE, z_channels=8)).eval()
+    images = [render(scene) for scene in pool_scenes(0, 16, light_share=0.5)]
+    pixels = to_pixels(images)
+    with torch.no_grad():
+        vae.quant_conv.weight[:8] *= torch.linspace(0.2, 5.0, 8)[:, None, None, None]  # uneven channels, as trained ones are
+        before, before_logvar = vae.encode_moments(pixels)
+        decoded = vae.decoder(vae.post_quant_conv(before))
+        standardize_latents(vae, images)
+        after, logvar = vae.encode_moments(pixels)
+        assert torch.allclose(after.mean(dim=(0, 2, 3)), torch.zeros(8), atol=1e-4)
+        assert torch.allclose(after.std(dim=(0, 2, 3)), torch.ones(8), atol=1e-4)
+        assert torch.allclose(vae.decoder(vae.post_quant_conv(after)), decoded, atol=1e-4)
+        relative_noise = lambda m, lv: (0.5 * lv).exp() / m.std(dim=(0, 2, 3))[None, :, None, None]  # noqa: E731
+        assert torch.allclose(relative_noise(after, logvar), relative_noise(before, before_logvar), rtol=1e-3)
+    with pytest.raises(SystemExit):
+        build_base.parse_args(["--work", "w", "--init-from", "x.safetensors", "--standardize-latents"])

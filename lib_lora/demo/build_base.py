@@ -48,13 +48,15 @@ from ..models.tokenizer import tokenize_batch
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
 from ..train.noise import add_noise, min_snr_weight, offset_noise, pyramid_noise
-from .build_vae import VAE_PHASES, VAESettings, check_images, codec_report, latent_scale, narrow_posterior, to_pixels, train_vae
+from .build_vae import (VAE_PHASES, VAESettings, check_images, codec_report, latent_scale, narrow_posterior, standardize_latents, to_pixels,
+                        train_vae)
 from .photos import load_photos, photo_paths
 from .tiny import DEFAULT_CHECKPOINT, TINY_TEXT, TINY_UNET, TINY_VAE
 from .world import CAPTION_STYLES, caption, render, sample_scene
 
 POOL_STREAM = 3  # seeds of the pool's scenes: [POOL_STREAM, seed]
 DIFFUSION_STREAM = 4  # seeds of the diffusion batches: [DIFFUSION_STREAM, seed, step]
+STANDARDIZE_SCENES = 1024  # the pool's first scenes, whose latents set each channel's mean and std
 PYRAMID_LEVELS = 10  # as many as fit: 16x16 latents stop after two or three
 
 
@@ -93,6 +95,7 @@ class BuildConfig:
     seed: int = 0
     init_from: str = ""  # sha256 of the checkpoint the VAE and denoiser start from; "" trains from scratch
     fresh_denoiser: bool = False  # with init_from: only the VAE starts from it; the UNet and text encoder from scratch
+    standardize_latents: bool = False  # each latent channel at zero mean and unit std over the pool (build_vae.standardize_latents)
     photos: bool = True  # natural photos in the VAE's batches (needs requirements-build.txt)
     light_share: float = 0.0  # of the pool's scenes on light backgrounds
     vae_norm_groups: int = TINY_VAE.norm_groups
@@ -384,7 +387,10 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     train_vae(vae, config.vae, config.seed, stage_file, photos, anchor)
     check = check_images(config.seed, config.check_images)
     denoiser_start = None if config.fresh_denoiser else start
-    if denoiser_start is None:
+    if denoiser_start is None and config.standardize_latents:
+        standardize_latents(vae, [render(scene) for scene in pool_scenes(config.seed, STANDARDIZE_SCENES, config.light_share)])
+        vae.scale_factor = config.latent_std
+    elif denoiser_start is None:
         vae.scale_factor = latent_scale(vae, check, config.latent_std)
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
     pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt", config.light_share)
@@ -423,6 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, help="start the VAE and the denoiser from this checkpoint (e.g. the shipped one)")
     parser.add_argument("--fresh-denoiser", action="store_true",
                         help="with --init-from: take only its VAE; train the UNet and text encoder from scratch")
+    parser.add_argument("--standardize-latents", action="store_true",
+                        help="each latent channel at zero mean and unit std (folded into the VAE), not one scale for all")
     parser.add_argument("--anchor-weight", type=float, default=1.0, help="with --init-from: how strongly world latents stay put")
     parser.add_argument("--vae-norm-groups", type=int, default=BuildConfig.vae_norm_groups, help="the VAE's GroupNorm groups (ldm: 32)")
     parser.add_argument("--latent-channels", type=int, default=BuildConfig.latent_channels,
@@ -440,6 +448,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.standardize_latents and args.init_from and not args.fresh_denoiser:
+        parser.error("--standardize-latents changes the latents a denoiser from --init-from was trained on; add --fresh-denoiser")
     if args.fresh_denoiser and not args.init_from:
         parser.error("--fresh-denoiser takes the VAE from --init-from; without it the whole build is from scratch already")
     return args
@@ -452,6 +462,7 @@ def main(argv=None) -> None:
         seed=args.seed,
         init_from=file_sha256(args.init_from) if args.init_from else "",
         fresh_denoiser=args.fresh_denoiser,
+        standardize_latents=args.standardize_latents,
         photos=not args.no_photos,
         light_share=args.light_share,
         vae_norm_groups=args.vae_norm_groups,
