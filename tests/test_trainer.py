@@ -403,6 +403,10 @@ def test_a_run_that_uses_every_image_caches_their_latents_first_and_frees_the_va
     assert events.index(caching[-1]) < next(i for i, e in enumerate(events) if e.kind == "start")
     assert host.ckpt.vae.encoder is None
     assert torch.equal(host.encode_pixels(pixels), latents)  # read from the file again when asked
+    # Interrupt while caching: the run stops at its first step, with its LoRA saved and resumable
+    stopped = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / "stopped", device="cpu")
+    result = train(config, stopped, on_event=lambda e: e.kind == "prepare" and e.step == 2 and stopped.interrupt())
+    assert result.interrupted and result.steps == 1 and result.final_path.exists()
     monkeypatch.setattr(trainer, "_cache_latents_first", lambda *args: None)
     second = train(config, StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / "second", device="cpu"))
     first_weights, second_weights = load_file(first.final_path), load_file(second.final_path)

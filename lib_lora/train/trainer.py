@@ -90,6 +90,7 @@ def train(config: TrainConfig, host, *, on_event: Callable[[TrainEvent], None] |
         check_output_free(config, host)
     if resume:
         RunFolder.open(run_dir).check_architecture(host.arch)  # a folder that cannot be resumed is refused before it is locked
+    host.clear_interrupt()  # from here on an Interrupt counts: during class images and caching it stops the run at its first step
     claim = RunFolder.claimed(run_dir, lambda note: emit(TrainEvent("warning", message=note)), lora_dir_for(config, host))
     with claim if distributed.is_main else nullcontext():  # only process 0 locks: the others never write there
         if resume or not distributed.is_main:
@@ -155,7 +156,6 @@ def _train_with(run: RunFolder, config: TrainConfig, host, data: TrainingData, e
         embeddings=embeddings,
         device=host.device,
     )
-    host.clear_interrupt()
     host.set_gradient_checkpointing(config.gradient_checkpointing)
     if host.device.type == "cpu":
         keep_freed_memory()  # a fifth of a CPU step was page faults (see cpu_memory.py)
@@ -223,6 +223,8 @@ def _cache_latents_first(config: TrainConfig, host, data: TrainingData, encoder:
     if not entries or drawn < len(entries):
         return
     for done, (sample, plan, flip) in enumerate(entries, 1):
+        if host.interrupted():
+            return  # the run stops after its first step, which encodes what it needs
         encoder.latents(sample, plan, flip)
         emit(TrainEvent("prepare", done, len(entries), message=f"caching latents: {done}/{len(entries)}"))
     if not data.validation_samples:
