@@ -16,15 +16,12 @@ from lib_lora.ui.settings import TabSettings
 class StopOnce(StandaloneHost):
     """Asks the trainer to stop after its second step, once."""
 
-    stop_at = 2
+    stopped = False
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.checks = 0
-
-    def interrupted(self) -> bool:
-        self.checks += 1
-        return self.checks == self.stop_at or super().interrupted()
+    def report(self, event) -> None:
+        if event.kind == "step" and event.step == 2 and not self.stopped:
+            self.stopped = True
+            self.interrupt()
 
 
 @pytest.fixture(scope="module")
