@@ -388,6 +388,29 @@ def test_class_images_are_drawn_by_the_base_without_the_trigger_and_trained_on(d
     assert [e.step for e in prepare] == [1, 2, 3] and events.index(prepare[-1]) < next(i for i, e in enumerate(events) if e.kind == "start")
 
 
+def test_regularization_images_trained_toward_the_base_cost_nothing_until_the_lora_changes_their_prompts(dataset, host, tmp_path):
+    """prior_loss_target=base: a regularization row's target is the base model's own prediction (every adapter off),
+    so at the first step, where a fresh LoRA adds exactly 0, those rows add no loss: the step's loss is that of the
+    training rows alone (prior_loss_weight 0), where the noise target adds the base's own error on them. Later steps
+    train them, and the adapters are back on for every prediction but that target."""
+    from lib_lora.demo.main_job import make_reg_dataset
+
+    reg = make_reg_dataset(tmp_path / "reg", n_images=4)
+
+    def step_losses(name: str, **changes) -> list[float]:
+        losses = []
+        train(config_for(dataset, reg_data_dir=str(reg), max_train_steps=3, output_name=name, **changes), host,
+              on_event=lambda e: e.kind == "step" and losses.append(e.loss))
+        return losses
+
+    toward_base = step_losses("toward-base", prior_loss_target="base")
+    training_rows_only = step_losses("training-rows-only", prior_loss_weight=0.0)
+    toward_noise = step_losses("toward-noise")
+    assert toward_base[0] == pytest.approx(training_rows_only[0], rel=1e-6)
+    assert toward_noise[0] > toward_base[0] * 1.01
+    assert toward_base[1:] != pytest.approx(training_rows_only[1:], rel=1e-6)  # the LoRA moved: its reg rows now cost
+
+
 def test_a_run_that_uses_every_image_caches_their_latents_first_and_frees_the_vae_encoder(dataset, tiny_checkpoint_path, tmp_path,
                                                                                           monkeypatch):
     """kohya's cache_latents: every latent (each side, with flip_aug) encoded before the first step, after which the

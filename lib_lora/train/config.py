@@ -21,6 +21,7 @@ from .names import ALLOWED, name_problem
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+PRIOR_TARGETS = ("noise", "base")
 DYNAMO_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile's own backends that run on any device (kohya's --dynamo_backend)
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
@@ -57,6 +58,10 @@ class TrainConfig:
     cache_latents_to_disk: bool = _opt(False, "keep the latent cache in the run folder between runs")
     allow_unreadable_images: bool = _opt(False, "skip unreadable images (listed) instead of refusing to start")
     prior_loss_weight: float = _opt(1.0, "loss weight of regularization images")
+    prior_loss_target: str = _opt("noise", "what regularization images are trained toward: noise (kohya: like any image) or base "
+                                           "(the base model's own prediction on the same noisy latent, every adapter off, so the LoRA "
+                                           "learns to leave those prompts as the base draws them; one more forward per such image)",
+                                  choices=PRIOR_TARGETS)
     num_class_images: int = _opt(0, "with no reg_data_dir: draw this many regularization images with the base model first, "
                                     "from the training captions without the trigger words (DreamBooth's prior preservation)")
     class_images_cfg_scale: float = _opt(7.0, "CFG scale the class images are drawn at (7: the webui's txt2img default; a lower "

@@ -404,11 +404,32 @@ def _loss(config: TrainConfig, host, schedule: NoiseSchedule, batch: Batch, nois
         cond = _encode_text(config, host, batch.captions, text_cache, network)
         prediction = _predict(host, noisy, timesteps.to(host.device), cond, batch.size_info)
     target = training_target(latents, noise, alphas.to(host.device), timesteps.to(host.device), schedule.parameterization)
+    if config.prior_loss_target == "base" and batch.is_reg.any():
+        target = _base_target_for_reg_rows(config, host, network, batch, noisy, timesteps.to(host.device), target, text_cache)
     per_sample = masked_mse(prediction, target, None if batch.masks is None else batch.masks.to(host.device))
     weights = torch.where(batch.is_reg, config.prior_loss_weight, 1.0).to(host.device)
     if config.min_snr_gamma:
         weights = weights * min_snr_weight(alphas, timesteps, config.min_snr_gamma, schedule.parameterization).to(host.device)
     return (per_sample * weights).sum() / batch.batch_size
+
+
+def _base_target_for_reg_rows(config: TrainConfig, host, network, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
+                              target: torch.Tensor, text_cache) -> torch.Tensor:
+    """`target` with its regularization rows replaced by the base model's own prediction (every adapter off) on
+    the same noisy latents and captions: their loss is then zero until the LoRA changes what the base draws for
+    those prompts, where the noise target also asks the LoRA to fit the regularization images themselves."""
+    rows = batch.is_reg.to(host.device)
+    strength, network.multiplier = network.multiplier, 0.0
+    try:
+        with torch.no_grad(), _autocast(config, host):
+            captions = [caption for caption, reg in zip(batch.captions, batch.is_reg.tolist()) if reg]
+            cond = _encode_text(config, host, captions, text_cache, network)
+            base = _predict(host, noisy[rows], timesteps[rows], cond, batch.size_info[batch.is_reg])
+    finally:
+        network.multiplier = strength
+    target = target.clone()
+    target[rows] = base.to(target.dtype)
+    return target
 
 
 def _optimizer_step(config: TrainConfig, network, optimizer, scaler) -> None:

@@ -18,7 +18,7 @@ LAYOUT: dict[str, dict[str, tuple[str, ...]]] = {
         "Folders": ("train_data_dir", "trigger_words", "reg_data_dir", "num_class_images", "class_images_cfg_scale",
                     "caption_extension"),
         "Captions": ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate"),
-        "Images": ("allow_unreadable_images", "prior_loss_weight", "validation_split", "masked_loss"),
+        "Images": ("allow_unreadable_images", "prior_loss_weight", "prior_loss_target", "validation_split", "masked_loss"),
     },
     "Network": {
         "Network": ("network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "lokr_factor", "dora_wd"),
