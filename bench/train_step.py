@@ -1,7 +1,7 @@
 """Training step time against its floor, on a full-size random SD1.5 checkpoint.
 
     python bench/train_step.py [--steps 8] [--rounds 4] [--size 256] [--rank 16] [--with-text-encoder] [--count-ops]
-                               [--compile [BACKEND]] [--paired]
+                               [--compile [BACKEND]] [--paired] [--dtype fp32|fp16|bf16]
     python bench/train_step.py --table [--steps 8] [--models sd15 sdxl] [--sizes 256 512] [--batches 1 4]
                                [--networks lora16 locon16/8] [--text-encoder off on] [--checkpointing off on]
 
@@ -57,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 CHECKPOINT = Path(__file__).parent / "out" / "sd15-random.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "slice", "select", "detach",
          "as_strided", "alias", "split", "split_with_sizes", "unbind"}
 
@@ -286,12 +287,13 @@ def table(rows: list[Row], steps: int) -> None:
               f"{result['optimizer share']:.1%} | {result['peak GiB']:.2f} | {result['first step s']:.1f} |", flush=True)
 
 
-def load_host(checkpoint: Path) -> StandaloneHost:
-    """The checkpoint (written on first use, random) in a standalone host, under the trainer's malloc settings."""
+def load_host(checkpoint: Path, dtype: torch.dtype | None = None) -> StandaloneHost:
+    """The checkpoint (written on first use, random) in a standalone host, under the trainer's malloc settings; its
+    weights in `dtype` (default: the host's, fp32 on a CPU)."""
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         write_random_checkpoint(checkpoint, "sdxl" if checkpoint == CHECKPOINTS["sdxl"] else "sd1")
-    host = StandaloneHost.from_file(checkpoint, out_dir=Path(tempfile.mkdtemp()))
+    host = StandaloneHost.from_file(checkpoint, out_dir=Path(tempfile.mkdtemp()), dtype=dtype)
     if host.device.type == "cpu":
         keep_freed_memory()  # as train() does on a CPU, so that the floor runs under the same malloc settings
     return host
@@ -310,6 +312,8 @@ def main():
     parser.add_argument("--with-text-encoder", action="store_true")
     parser.add_argument("--paired", action="store_true", help="one trainer run of steps x rounds steps, a floor pass after each step")
     parser.add_argument("--count-ops", action="store_true", help="count the ATen operations of one step and of the floor, then exit")
+    parser.add_argument("--dtype", choices=DTYPES, help="the model's weights (default: fp32 on a CPU, fp16 on a GPU); "
+                        "bf16 counts on a CPU what a webui's half-precision model runs on a GPU")
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="train with torch_compile (default backend inductor)")
     table_options = parser.add_argument_group("the table (--table): every combination of these, a fresh process each")
     table_options.add_argument("--table", action="store_true")
@@ -329,7 +333,7 @@ def main():
         table([Row(*values) for values in itertools.product(args.models, args.sizes, args.batches, args.networks, args.text_encoder,
                                                             args.checkpointing)], args.steps)
         return
-    host = load_host(CHECKPOINT)
+    host = load_host(CHECKPOINT, DTYPES.get(args.dtype))
     print(f"device {host.device}, dtype {host.dtype}, torch threads {torch.get_num_threads()}")
     if args.count_ops:
         floor, step = floor_ops(host, args.size), step_ops(host, args.size, args.rank, args.with_text_encoder, args.compile)

@@ -1,5 +1,6 @@
 """The shipped tiny base: it loads like any SD1 file, draws what it was trained on, and its builder still runs."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -158,6 +159,33 @@ def test_a_fresh_denoiser_takes_only_the_vae_of_the_earlier_model(tmp_path):
     assert not fresh.unet.out[-1].weight.any() and start.unet.out[-1].weight.any()  # ldm's zero init, not the start's
     with pytest.raises(SystemExit):
         build_base.parse_args(["--work", str(tmp_path / "w"), "--fresh-denoiser"])
+
+
+def test_a_fresh_unet_takes_the_widths_asked_for_and_a_continued_one_keeps_its_own(tmp_path):
+    """16 latent channels want a wider first level than build 1's 32 (RESULTS.md, build 3): `unet_widths` sets a
+    fresh UNet's channels per level; a build continued from that file keeps them without being told."""
+    wide = replace(SMALL, unet_widths=(64, 64, 128))
+    build(wide, tmp_path / "first", tmp_path / "wide.safetensors")
+    unet = load_checkpoint(tmp_path / "wide.safetensors").unet
+    assert (unet.config.model_channels, unet.config.channel_mult) == (64, (1, 1, 2))
+    continued = build_base.new_denoiser(0, torch.arange(10), start=load_checkpoint(tmp_path / "wide.safetensors"), latent_channels=4)
+    assert continued["unet"].config == unet.config
+    for bad in (["--unet-widths", "64", "96", "128"], ["--unet-widths", "64", "128"],
+                ["--unet-widths", "64", "64", "128", "--init-from", "x.safetensors"]):
+        with pytest.raises(SystemExit):
+            build_base.parse_args(["--work", "w", *bad])
+    assert build_base.parse_args(["--work", "w", "--unet-widths", "64", "64", "128"]).unet_widths == [64, 64, 128]
+
+
+def test_a_work_folder_from_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    work = tmp_path / "work"
+    build_base.prepare_work(work, SMALL, resume=False)
+    saved = json.loads((work / "config.json").read_text())
+    del saved["unet_widths"]  # as a build started before the field existed wrote it
+    (work / "config.json").write_text(json.dumps(saved))
+    build_base.prepare_work(work, SMALL, resume=True)
+    with pytest.raises(BuildError, match="another config"):
+        build_base.prepare_work(work, replace(SMALL, unet_widths=(64, 64, 128)), resume=True)
 
 
 def test_standardized_latents_have_unit_channels_and_decode_to_the_same_pixels():

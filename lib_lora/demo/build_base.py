@@ -103,6 +103,8 @@ class BuildConfig:
     pool_size: int = 16_000
     check_images: int = 128  # full-size images that measure the latent scale and the codec
     latent_std: float = 1.0  # of the UNet's latents; below SD's 1 shifts every step toward noise
+    # a fresh UNet's channels per level (a start's are its own); 16 latent channels want a wider first level
+    unet_widths: tuple[int, ...] = tuple(TINY_UNET.model_channels * m for m in TINY_UNET.channel_mult)
     vae: VAESettings = field(default_factory=VAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
@@ -214,15 +216,18 @@ def zero_init_outputs(unet: UNetModel) -> UNetModel:
     return unet
 
 
-def new_denoiser(seed: int, used_ids: torch.Tensor, start: Checkpoint | None = None, latent_channels: int = TINY_UNET.in_channels
-                 ) -> nn.ModuleDict:
+def new_denoiser(seed: int, used_ids: torch.Tensor, start: Checkpoint | None = None, latent_channels: int = TINY_UNET.in_channels,
+                 widths: tuple[int, ...] = BuildConfig.unet_widths) -> nn.ModuleDict:
     """The UNet and text encoder to train (the latter training only the `used_ids` rows): freshly
-    initialised, or `start`'s (its UNet widened to `latent_channels` if it had fewer, see `load_widened`)."""
+    initialised with `widths` channels per level, or `start`'s (its UNet widened to `latent_channels` if it had
+    fewer, see `load_widened`)."""
     torch.manual_seed(seed)
-    config = replace(TINY_UNET, in_channels=latent_channels, out_channels=latent_channels)
     if start is None:
+        config = replace(TINY_UNET, model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths))
+        config = replace(config, in_channels=latent_channels, out_channels=latent_channels)
         unet, text_encoder = zero_init_outputs(UNetModel(config)), TextEncoder(TINY_TEXT)
     else:
+        config = replace(start.unet.config, in_channels=latent_channels, out_channels=latent_channels)
         unet, text_encoder = UNetModel(config), start.text_encoder.requires_grad_(True)
         load_widened(unet, start.unet.state_dict(), start.unet.config.in_channels, latent_channels)
     embeddings = text_encoder.transformer.text_model.embeddings
@@ -354,7 +359,8 @@ def prepare_work(work: Path, config: BuildConfig, resume: bool) -> None:
     """Create the work folder with the config in it, or check that the one to resume has the same."""
     saved = work / "config.json"
     if resume and saved.exists():
-        if json.loads(saved.read_text()) != json.loads(json.dumps(asdict(config))):
+        older = {**asdict(BuildConfig()), **json.loads(saved.read_text())}  # a field added since reads as its default
+        if json.loads(json.dumps(older)) != json.loads(json.dumps(asdict(config))):
             raise BuildError(f"{work} holds a build with another config ({saved}); pass the same options or a new --work")
         return
     if work.exists() and any(work.iterdir()):
@@ -395,7 +401,7 @@ def build(config: BuildConfig, work: Path, out: Path, resume: bool = False, save
     print(f"{codec_report(vae, check)}; scale_factor {vae.scale_factor}")
     pool = make_pool(vae, config.seed, config.pool_size, work / "pool.pt", config.light_share)
     used_ids = torch.unique(torch.cat([pool.tokens.flatten(), tokenize_batch([""]).tokens.flatten().int()])).long()
-    denoiser = new_denoiser(config.seed, used_ids, denoiser_start, config.latent_channels)
+    denoiser = new_denoiser(config.seed, used_ids, denoiser_start, config.latent_channels, config.unet_widths)
     ema = train_diffusion(denoiser, pool, config.diffusion, config.seed, stage_file)
     export(vae, ema, out, config)
 
@@ -443,6 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-photos", action="store_true", help="train the VAE without natural photos (no scikit-image)")
     parser.add_argument("--pool-size", type=int, default=BuildConfig.pool_size)
     parser.add_argument("--latent-std", type=float, default=BuildConfig.latent_std)
+    parser.add_argument("--unet-widths", type=int, nargs="+", metavar="W",
+                        help=f"a fresh UNet's channels per level, each a multiple of the first (default {' '.join(map(str, BuildConfig.unet_widths))})")
     parser.add_argument("--noise-offset", type=float, default=DiffusionSettings.noise_offset)
     parser.add_argument("--noise-discount", type=float, default=DiffusionSettings.noise_discount)
     parser.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves")
@@ -450,6 +458,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.standardize_latents and args.init_from and not args.fresh_denoiser:
         parser.error("--standardize-latents changes the latents a denoiser from --init-from was trained on; add --fresh-denoiser")
+    if args.unet_widths and args.init_from and not args.fresh_denoiser:
+        parser.error("--unet-widths sets a fresh UNet's; one from --init-from keeps its own (add --fresh-denoiser)")
+    if args.unet_widths and (len(args.unet_widths) != len(BuildConfig.unet_widths) or any(w % args.unet_widths[0] for w in args.unet_widths)):
+        parser.error(f"--unet-widths takes {len(BuildConfig.unet_widths)} widths, each a multiple of the first (e.g. 64 64 128)")
     if args.fresh_denoiser and not args.init_from:
         parser.error("--fresh-denoiser takes the VAE from --init-from; without it the whole build is from scratch already")
     return args
@@ -472,6 +484,7 @@ def main(argv=None) -> None:
                         kl_weight=args.vae_kl_weight),
         pool_size=args.pool_size,
         latent_std=args.latent_std,
+        unet_widths=tuple(args.unet_widths or BuildConfig.unet_widths),
         diffusion=DiffusionSettings(
             phases=tuple(replace(phase, steps=steps) for phase, steps in zip(DIFFUSION_PHASES, args.steps)),
             noise_offset=args.noise_offset,
