@@ -330,6 +330,8 @@ def main():
         print(json.dumps(measure_row(Row(**args.row), args.steps, args.launched)))
         return
     if args.table:
+        if args.dtype:
+            parser.error("--dtype is not a column of --table (its rows run at the device's default dtype)")
         table([Row(*values) for values in itertools.product(args.models, args.sizes, args.batches, args.networks, args.text_encoder,
                                                             args.checkpointing)], args.steps)
         return

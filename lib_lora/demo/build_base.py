@@ -223,8 +223,8 @@ def new_denoiser(seed: int, used_ids: torch.Tensor, start: Checkpoint | None = N
     fewer, see `load_widened`)."""
     torch.manual_seed(seed)
     if start is None:
-        config = replace(TINY_UNET, model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths))
-        config = replace(config, in_channels=latent_channels, out_channels=latent_channels)
+        config = replace(TINY_UNET, model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+                         in_channels=latent_channels, out_channels=latent_channels)
         unet, text_encoder = zero_init_outputs(UNetModel(config)), TextEncoder(TINY_TEXT)
     else:
         config = replace(start.unet.config, in_channels=latent_channels, out_channels=latent_channels)
