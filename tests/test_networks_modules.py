@@ -73,6 +73,32 @@ def test_fused_training_step_matches_plain_sum(kind):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("update", ["optimizer step", "load_state_dict", "weights replaced"])
+def test_the_adapter_follows_its_weights_wherever_they_change(update):
+    """A hooked Linear keeps its factors' transposes from step to step (no transpose dispatched per forward); after
+    an optimizer step (in place through `.data`: Lion), a load of other weights, or a factor's tensor replaced, its
+    output is the new weights' and not the old ones'."""
+    layer = make_layer("linear")
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=4, alpha=2.0)
+    torch.nn.init.normal_(module.lora_up.weight)
+    x = input_for(layer)
+    module.apply_to()
+    layer(x).sum().backward()  # the first forward keeps the transposes
+    if update == "optimizer step":
+        for p in module.parameters():
+            p.data.add_(p.grad, alpha=-0.5)  # through .data, as lion-pytorch writes it
+    elif update == "load_state_dict":
+        module.load_state_dict({k: torch.randn_like(v) if v.dim() else v for k, v in module.state_dict().items()})
+    else:
+        module.lora_down.weight.data = torch.randn_like(module.lora_down.weight)
+    down, up = module.lora_down.weight, module.lora_up.weight  # the plain sum, from the module's current tensors
+    expected = F.linear(x, layer.weight, layer.bias) + module.scale * F.linear(F.linear(x, down), up)
+    with torch.no_grad():
+        got = layer(x)
+    module.remove()
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1x1"])
 def test_a_hooked_output_can_be_changed_in_place(kind):
     """Host blocks change a layer's output in place through a view (Forge's `x += attn(x)`); gradients stay right."""

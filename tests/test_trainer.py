@@ -529,3 +529,37 @@ def test_a_failed_hash_is_tried_again(tmp_path, monkeypatch):
         saving.checkpoint_hashes(path, path.stat().st_mtime_ns)
     monkeypatch.undo()
     assert saving.checkpoint_hashes(path, path.stat().st_mtime_ns)["new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_bf16_model_trains_from_half_copies_exactly_as_from_casts(dataset, tiny_checkpoint_path, tmp_path, monkeypatch):
+    """On a half-precision model the adapters compute from half copies of their fp32 weights, refreshed once a step,
+    instead of a cast of each factor in every forward and backward: the same losses and the same saved LoRA, bit for
+    bit, with the text encoder, gradient accumulation and a sample between steps, and two casts fewer per factor
+    and micro-batch (4 steps of 2)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    config = config_for(dataset, trigger_words="zkz", gradient_accumulation_steps=2, max_train_epochs=2,
+                        sample_every_n_steps=1, sample_prompts=("zkz --s 2",))
+    runs = {}
+    for copies in (False, True):
+        if not copies:
+            monkeypatch.setattr(trainer, "compute_dtype", lambda *_: None)
+        else:
+            monkeypatch.undo()
+        host = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / str(copies), device="cpu", dtype=torch.bfloat16)
+        losses, casts = [], CountCasts()
+        with casts:
+            result = train(config, host, on_event=lambda e: e.kind == "step" and losses.append(e.loss))
+        runs[copies] = losses, load_file(result.final_path), casts.count
+    (cast_losses, cast_lora, casts_before), (losses, lora, casts_after) = runs[False], runs[True]
+    assert len(losses) == 4 and losses == cast_losses
+    assert lora.keys() == cast_lora.keys() and all(torch.equal(lora[k], cast_lora[k]) for k in lora)
+    factors = sum(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in lora)
+    assert casts_before - casts_after >= 2 * factors * 8, (casts_before, casts_after, factors)

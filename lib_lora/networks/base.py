@@ -66,11 +66,37 @@ def conv_geometry(layer: nn.Module) -> dict:
 
 
 class Factor(nn.Module):
-    """A bare `weight` parameter, so that file key `<name>.lora_down.weight` is this module's state-dict key."""
+    """A bare `weight` parameter, so that file key `<name>.lora_down.weight` is this module's state-dict key.
+
+    `half_copy`, when the trainer sets one (`train.half_copies`), is the weight in the half-precision dtype a model
+    computes in, kept current by one multi-tensor copy a step instead of a cast of each factor in every forward.
+    """
 
     def __init__(self, weight: torch.Tensor, trainable: bool = True):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=trainable)
+        self.half_copy: torch.Tensor | None = None  # a plain attribute: not in the state dict
+        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None  # (tensor, its .t() view)
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in x's dtype and on its device: the half copy where it is one, else a cast (none in fp32)."""
+        copy = self.half_copy
+        if copy is not None and copy.dtype == x.dtype and copy.device == x.device:
+            return copy
+        return self.weight.to(device=x.device, dtype=x.dtype)
+
+    def transposed(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """tensor.t() for a 2-D `tensor` that is this factor's own (its weight or half copy, as `like` returns them),
+        made once and kept: the optimizer and the copies' refresh write those tensors in place, so the view stays
+        current, and the forward dispatches no transpose per adapter and step. None for anything else (a fresh cast)."""
+        if tensor.dim() != 2 or not (tensor is self.weight or tensor is self.half_copy):
+            return None
+        kept = self._transposed
+        if kept is None or kept[0] is not tensor or kept[1].data_ptr() != tensor.data_ptr():  # a load may swap .data
+            # of a detached alias: outside autograd (the adapter's Function gets the gradient through `tensor`), so that
+            # an optimizer's in-place update of the weight, in grad mode or not, leaves it a plain current view
+            kept = self._transposed = (tensor, tensor.detach().t())
+        return kept[1]
 
 
 class AdapterModule(nn.Module):

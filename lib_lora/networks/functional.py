@@ -235,18 +235,19 @@ class _LowRankAddLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, output, x, down, up, scale, host_weight, in_place):
+    def forward(ctx, output, x, down, up, scale, host_weight, in_place, down_t, up_t):
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        h = torch.mm(x2, down.t())  # [N, r]
+        h = torch.mm(x2, down.t() if down_t is None else down_t)  # [N, r]
         ctx.save_for_backward(x2, h, down, up, host_weight)
         ctx.scale, ctx.x_shape = scale, x.shape
         if _own_output(ctx, output, in_place):
             # 3-D: through a view of an alias (a view made here of a tensor autograd tracks would make any later look
             # at its grad_fn an error)
+            up_t = up.t() if up_t is None else up_t
             flat = output if output.dim() == 2 else output.detach().view(-1, up.shape[0])
-            flat.addmm_(h, up.t(), alpha=scale)
+            flat.addmm_(h, up_t, alpha=scale)
             return output
-        return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up.t(), alpha=scale), output.shape)
+        return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up.t() if up_t is None else up_t, alpha=scale), output.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -259,7 +260,7 @@ class _LowRankAddLinear(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         grad_down = torch.mm(grad_h.t(), x2) if ctx.needs_input_grad[2] else None
         grad_up = _scaled(torch.mm(g.t(), h), ctx.scale) if ctx.needs_input_grad[3] else None
-        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None, None
+        return grad if host_weight is None else None, grad_x, grad_down, grad_up, None, None, None, None, None
 
 
 class _LowRankAddConv1x1(torch.autograd.Function):
@@ -325,24 +326,26 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, conv1x1: bool,
-                 host_weight: torch.Tensor | None = None) -> torch.Tensor:
+                 host_weight: torch.Tensor | None = None, transposed: tuple | None = None) -> torch.Tensor:
     """output + scale·up(down(x)), in x's dtype: on a Linear host x [..., in], down [r, in], up [out, r];
     on a 1×1 stride-1 unpadded conv host (`conv1x1`) x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)].
+    `transposed`, on a Linear host: (downᵀ, upᵀ) views kept from step to step (`Factor.transposed`), or None each.
 
     Give `host_weight` only when `output` is exactly the frozen host's x @ Wᵀ (+ b) in x's dtype: backward then
     computes x's whole gradient and sends none back through the host, and the product is added into the host's
     output in place (out of place otherwise, where another hook or the host's own backward may hold it, and under
     torch.compile).
     """
-    in_place = host_weight is not None and not _compiling()  # dynamo refuses the in-place add; inductor fuses it anyway
+    in_place = host_weight is not None and not compiling()  # dynamo refuses the in-place add; inductor fuses it anyway
     if conv1x1:
         return _LowRankAddConv1x1.apply(output, x, down, up, scale, host_weight, in_place)
+    down_t, up_t = transposed or (None, None)
     if in_place and _reshaped_product(output):  # F.linear with a bias: its [N, out] product, reshaped
-        return _fresh_view(_LowRankAddLinear.apply(output._base, x, down, up, scale, host_weight, in_place), output.shape)
-    return _LowRankAddLinear.apply(output, x, down, up, scale, host_weight, in_place)
+        return _fresh_view(_LowRankAddLinear.apply(output._base, x, down, up, scale, host_weight, in_place, down_t, up_t), output.shape)
+    return _LowRankAddLinear.apply(output, x, down, up, scale, host_weight, in_place, down_t, up_t)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     """Whether dynamo is tracing this call (asked on every adapter forward: the check is looked up once)."""
     return _is_compiling_check()()
 

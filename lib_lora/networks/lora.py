@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import AdapterModule, Factor, conv_geometry, layer_kind, sole_frozen_host
 from .errors import LoraFormatError
-from .functional import apply_weight, flat_shape, lora_delta_weight, low_rank_add, rank_dropout_mask
+from .functional import apply_weight, compiling, flat_shape, lora_delta_weight, low_rank_add, rank_dropout_mask
 
 
 def _as_linear(t: torch.Tensor) -> torch.Tensor:
@@ -135,14 +135,17 @@ class LoRAModule(AdapterModule):
         if self.lora_mid is not None or self.dora_scale is not None or not (kind == "linear" or plain_conv):
             return super().add_delta(x, layer, output, strength)
         x = x.to(output.dtype)  # under autocast a layer may take fp32 in and give fp16 out
-        down = self.lora_down.weight.to(device=x.device, dtype=x.dtype)  # [r, in(, 1, 1)]
-        up = self.lora_up.weight.to(device=x.device, dtype=x.dtype)  # [out, r(, 1, 1)]
+        down = self.lora_down.like(x)  # [r, in(, 1, 1)]
+        up = self.lora_up.like(x)  # [out, r(, 1, 1)]
         if self.training and (self.dropout > 0 or self.rank_dropout > 0):
             return self._add_delta_with_dropout(x, layer, output, strength, down.flatten(1), up.flatten(1))
         if not plain_conv:
             down, up = down.flatten(1), up.flatten(1)  # [r, in], [out, r]: 1x1-conv tensors on a Linear host
         host_weight = layer.weight if sole_frozen_host(layer, output) else None
-        return low_rank_add(output, x, down, up, self.scale * strength, conv1x1=plain_conv, host_weight=host_weight)
+        # kept transposes save two dispatches an adapter eagerly; dynamo cannot trace the check that they are current
+        transposed = None if plain_conv or compiling() else (self.lora_down.transposed(down), self.lora_up.transposed(up))
+        return low_rank_add(output, x, down, up, self.scale * strength, conv1x1=plain_conv, host_weight=host_weight,
+                            transposed=transposed)
 
     def _add_delta_with_dropout(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float,
                                 down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

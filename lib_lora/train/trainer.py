@@ -27,6 +27,7 @@ from .config import ConfigError, TrainConfig, check_for_arch
 from .cpu_memory import keep_freed_memory
 from .dataset import Batch, BatchEncoder, TrainingData, epoch_batches, latent_cache_bytes, plan_training, plan_warnings
 from .distributed import Distributed
+from .half_copies import HalfCopies, compute_dtype
 from .memory import out_of_memory_advice
 from .noise import add_noise, masked_mse, min_snr_weight, offset_noise, pyramid_noise, training_target
 from .optim import lr_multiplier, make_optimizer, parameter_groups, warmup_steps_for
@@ -244,6 +245,8 @@ def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: 
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
     compiled = _CompiledForwards(host, network, config.dynamo_backend, text_cache is None) if config.torch_compile else nullcontext()
+    half = compute_dtype(host.dtype, _autocast_dtype(config, host))
+    copies = HalfCopies(network, half) if half else None  # after load_state: they start from the loaded weights
     total = data.steps.total_steps
     last_loss, tick, batches = None, time.perf_counter(), []
     network.train()
@@ -263,12 +266,16 @@ def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: 
                     raise TrainingError(f"loss became {batch_loss} at step {progress.global_step + 1}; stopped. The last good save is kept in {saver.last_path if saver and saver.last_path else 'no file yet'}. Lower the learning rate or use fp32/bf16.")
                 if loss is not None:
                     scaler.scale(loss / accumulate).backward()
+                    if copies is not None:
+                        copies.gather_grads()
                 progress.batch_in_epoch = index + 1
                 if progress.batch_in_epoch % accumulate and progress.batch_in_epoch != len(batches):
                     continue
                 lr = _set_lr(optimizer, config, progress.global_step, total)
                 distributed.sum_gradients(list(network.parameters()))
                 _optimizer_step(config, network, optimizer, scaler)
+                if copies is not None:
+                    copies.refresh()
                 progress.global_step += 1
                 last_loss = batch_loss
                 now = time.perf_counter()
@@ -290,6 +297,9 @@ def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: 
     except OUT_OF_MEMORY as e:
         progress.batch_in_epoch = _last_whole_step(progress.batch_in_epoch, config.gradient_accumulation_steps, len(batches))
         raise _out_of_memory(config, network, saver, progress, save_state, emit, e) from e
+    finally:
+        if copies is not None:
+            copies.close()
 
 
 class _CompiledForwards:
@@ -339,10 +349,15 @@ def _grad_scaler(config: TrainConfig, host):
     return torch.cuda.amp.GradScaler(enabled=enabled)  # torch 2.1, as the webui 1.10.1 ships: no torch.amp.GradScaler
 
 
-def _autocast(config: TrainConfig, host):
+def _autocast_dtype(config: TrainConfig, host) -> torch.dtype | None:
     if config.mixed_precision == "no" or host.device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16)
+        return None
+    return torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
+
+
+def _autocast(config: TrainConfig, host):
+    dtype = _autocast_dtype(config, host)
+    return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 def _encode_text(config, host, captions: list[str], text_cache: dict | None, network) -> Conditioning:
