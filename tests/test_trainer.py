@@ -563,3 +563,23 @@ def test_a_bf16_model_trains_from_half_copies_exactly_as_from_casts(dataset, tin
     assert lora.keys() == cast_lora.keys() and all(torch.equal(lora[k], cast_lora[k]) for k in lora)
     factors = sum(key.endswith((".lora_down.weight", ".lora_up.weight")) for key in lora)
     assert casts_before - casts_after >= 2 * factors * 8, (casts_before, casts_after, factors)
+
+
+def test_half_copies_give_fp32_gradients_and_let_go_of_the_factors_after_the_run():
+    """The copies' gradients land in the fp32 weights' gradients; after the run (the webui may keep the network for
+    its previews) the factors compute from their fp32 weights and hold no copy, nor a transpose of one."""
+    from lib_lora.networks.lora import LoRAModule
+    from lib_lora.train.half_copies import HalfCopies
+
+    layer = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    module = LoRAModule.for_layer("lora_unet_test", layer, rank=2, alpha=2.0)
+    torch.nn.init.normal_(module.lora_up.weight)
+    copies = HalfCopies(module, torch.bfloat16)
+    module.apply_to()
+    layer(torch.randn(3, 8, dtype=torch.bfloat16)).sum().backward()
+    copies.gather_grads()
+    grads = [module.lora_down.weight.grad, module.lora_up.weight.grad]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    assert module.lora_down.half_copy.grad is None  # moved, so the next backward does not add to it
+    copies.close()
+    assert all(f.half_copy is None and f._transposed is None for f in (module.lora_down, module.lora_up))

@@ -98,6 +98,9 @@ class Factor(nn.Module):
             kept = self._transposed = (tensor, tensor.detach().t())
         return kept[1]
 
+    def forget_transposed(self) -> None:
+        self._transposed = None
+
 
 class AdapterModule(nn.Module):
     """One adapter on one host layer. Subclasses implement the math; this class hooks and validates."""

@@ -74,6 +74,7 @@ class HalfCopies:
         """The factors compute from their fp32 weights again (after the run: the webui may keep the network)."""
         for factor in self.factors:
             factor.half_copy = None
+            factor.forget_transposed()  # which may hold the copy
         self.copies, self.grad_buffers, self.scratch = [], [], []
 
 
