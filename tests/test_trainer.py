@@ -574,7 +574,7 @@ def test_half_copies_give_fp32_gradients_and_let_go_of_the_factors_after_the_run
     layer = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
     module = LoRAModule.for_layer("lora_unet_test", layer, rank=2, alpha=2.0)
     torch.nn.init.normal_(module.lora_up.weight)
-    copies = HalfCopies(module, torch.bfloat16)
+    copies = HalfCopies.for_network(module, torch.bfloat16)
     module.apply_to()
     layer(torch.randn(3, 8, dtype=torch.bfloat16)).sum().backward()
     copies.gather_grads()
@@ -583,3 +583,21 @@ def test_half_copies_give_fp32_gradients_and_let_go_of_the_factors_after_the_run
     assert module.lora_down.half_copy.grad is None  # moved, so the next backward does not add to it
     copies.close()
     assert all(f.half_copy is None and f._transposed is None for f in (module.lora_down, module.lora_up))
+
+
+@pytest.mark.parametrize("network_type", ["loha", "lokr"])
+def test_lycoris_networks_train_on_a_bf16_model(dataset, tiny_checkpoint_path, tmp_path, network_type):
+    """LoHa and LoKr build their delta from the fp32 weights, so they get no half copies, and train as before."""
+    host = StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path, device="cpu", dtype=torch.bfloat16)
+    result = train(config_for(dataset, network_type=network_type, max_train_steps=2), host)
+    assert result.steps == 2 and math.isfinite(result.last_loss) and result.final_path.exists()
+
+
+def test_the_adapters_compute_in_autocasts_dtype_where_it_is_on():
+    """Under autocast the layers' outputs, which the adapters follow, are in autocast's dtype, whatever the model's."""
+    from lib_lora.train.half_copies import compute_dtype
+
+    assert compute_dtype(torch.float16, torch.bfloat16) == torch.bfloat16
+    assert compute_dtype(torch.float32, torch.float16) == torch.float16
+    assert compute_dtype(torch.bfloat16, None) == torch.bfloat16
+    assert compute_dtype(torch.float32, None) is None

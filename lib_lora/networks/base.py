@@ -92,7 +92,8 @@ class Factor(nn.Module):
         if tensor.dim() != 2 or not (tensor is self.weight or tensor is self.half_copy):
             return None
         kept = self._transposed
-        if kept is None or kept[0] is not tensor or kept[1].data_ptr() != tensor.data_ptr():  # a load may swap .data
+        current = kept is not None and kept[0] is tensor and kept[1].data_ptr() == tensor.data_ptr() and kept[1].shape == tensor.shape[::-1]
+        if not current:  # new, or its `.data` swapped (a load, a move)
             # of a detached alias: outside autograd (the adapter's Function gets the gradient through `tensor`), so that
             # an optimizer's in-place update of the weight, in grad mode or not, leaves it a plain current view
             kept = self._transposed = (tensor, tensor.detach().t())

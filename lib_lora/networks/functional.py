@@ -236,18 +236,18 @@ class _LowRankAddLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output, x, down, up, scale, host_weight, in_place, down_t, up_t):
+        down_t, up_t = down.t() if down_t is None else down_t, up.t() if up_t is None else up_t
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        h = torch.mm(x2, down.t() if down_t is None else down_t)  # [N, r]
+        h = torch.mm(x2, down_t)  # [N, r]
         ctx.save_for_backward(x2, h, down, up, host_weight)
         ctx.scale, ctx.x_shape = scale, x.shape
         if _own_output(ctx, output, in_place):
             # 3-D: through a view of an alias (a view made here of a tensor autograd tracks would make any later look
             # at its grad_fn an error)
-            up_t = up.t() if up_t is None else up_t
             flat = output if output.dim() == 2 else output.detach().view(-1, up.shape[0])
             flat.addmm_(h, up_t, alpha=scale)
             return output
-        return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up.t() if up_t is None else up_t, alpha=scale), output.shape)
+        return _fresh_view(torch.addmm(output.reshape(-1, up.shape[0]), h, up_t, alpha=scale), output.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -326,7 +326,8 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def low_rank_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, conv1x1: bool,
-                 host_weight: torch.Tensor | None = None, transposed: tuple | None = None) -> torch.Tensor:
+                 host_weight: torch.Tensor | None = None,
+                 transposed: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
     """output + scale·up(down(x)), in x's dtype: on a Linear host x [..., in], down [r, in], up [out, r];
     on a 1×1 stride-1 unpadded conv host (`conv1x1`) x [B, in, H, W], down [r, in(, 1, 1)], up [out, r(, 1, 1)].
     `transposed`, on a Linear host: (downᵀ, upᵀ) views kept from step to step (`Factor.transposed`), or None each.

@@ -117,6 +117,13 @@ class LoRAModule(AdapterModule):
             h = apply_weight(h, weight.to(device=x.device, dtype=x.dtype), **geometry)
         return h
 
+    def fused_on(self, layer: nn.Module) -> bool:
+        """Whether `add_delta` takes the fused path on `layer`: plain LoRA (no Tucker core, no DoRA) on a Linear or a
+        1×1 stride-1 unpadded conv. Only then does the forward use its factors as they are (`Factor.like`)."""
+        kind = layer_kind(layer)
+        plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
+        return self.lora_mid is None and self.dora_scale is None and (kind == "linear" or plain_conv)
+
     def add_delta(self, x: torch.Tensor, layer: nn.Module, output: torch.Tensor, strength: float) -> torch.Tensor:
         """output + forward_delta(x), fused for plain LoRA (no Tucker core, no DoRA) on Linear and 1×1-conv hosts.
 
@@ -130,10 +137,9 @@ class LoRAModule(AdapterModule):
         the host's own output in place (no copy of it per adapter); elsewhere out of place, as an in-place add
         into a view of an output autograd tracks makes it copy the whole gradient in backward.
         """
-        kind = layer_kind(layer)
-        plain_conv = kind == "conv1x1" and layer.stride == (1, 1) and layer.padding == (0, 0)
-        if self.lora_mid is not None or self.dora_scale is not None or not (kind == "linear" or plain_conv):
+        if not self.fused_on(layer):
             return super().add_delta(x, layer, output, strength)
+        plain_conv = layer_kind(layer) != "linear"
         x = x.to(output.dtype)  # under autocast a layer may take fp32 in and give fp16 out
         down = self.lora_down.like(x)  # [r, in(, 1, 1)]
         up = self.lora_up.like(x)  # [out, r(, 1, 1)]

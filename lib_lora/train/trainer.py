@@ -245,8 +245,7 @@ def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: 
     text_cache = {} if _can_cache_text(config) else None
     schedule = training_schedule(config, host)
     compiled = _CompiledForwards(host, network, config.dynamo_backend, text_cache is None) if config.torch_compile else nullcontext()
-    half = compute_dtype(host.dtype, _autocast_dtype(config, host))
-    copies = HalfCopies(network, half) if half else None  # after load_state: they start from the loaded weights
+    copies = HalfCopies.for_network(network, compute_dtype(host.dtype, _autocast_dtype(config, host)))  # after load_state
     total = data.steps.total_steps
     last_loss, tick, batches = None, time.perf_counter(), []
     network.train()
@@ -295,6 +294,8 @@ def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: 
                     _epoch_hooks(config, host, network, data, run, saver, progress, save_state, emit)
         return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=False)
     except OUT_OF_MEMORY as e:
+        if copies is not None:
+            copies.close()  # before the out-of-memory handler frees the cache
         progress.batch_in_epoch = _last_whole_step(progress.batch_in_epoch, config.gradient_accumulation_steps, len(batches))
         raise _out_of_memory(config, network, saver, progress, save_state, emit, e) from e
     finally:
@@ -350,6 +351,7 @@ def _grad_scaler(config: TrainConfig, host):
 
 
 def _autocast_dtype(config: TrainConfig, host) -> torch.dtype | None:
+    """The dtype of the run's autocast (`mixed_precision` on CUDA), None without one."""
     if config.mixed_precision == "no" or host.device.type != "cuda":
         return None
     return torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
