@@ -304,17 +304,18 @@ def test_masked_loss_and_noise_options_run(dataset, host):
     assert math.isfinite(result.last_loss)
 
 
-def test_a_compiled_unet_traces_the_adapters_in_one_graph_and_trains_alike(dataset, tiny_checkpoint_path, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_unet_traces_the_adapters_in_one_graph_and_trains_alike(dataset, tiny_checkpoint_path, tmp_path, dtype):
     """torch_compile: the hooked UNet and the trained text encoder are one graph each (a break per adapter would make
     every layer a compile of its own and the step slower than eager), the run's losses and LoRA equal eager's, and
-    the modules run uncompiled again afterwards. aot_eager traces as inductor does, without its minutes of C++ code
-    generation."""
+    the modules run uncompiled again afterwards; on a bf16 model too, whose adapters read their half copies. aot_eager
+    traces as inductor does, without its minutes of C++ code generation."""
     from torch._dynamo.utils import counters
 
     config = config_for(dataset, trigger_words="zkz")
     runs = {}
     for compiled in (False, True):
-        losses, host = [], StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / str(compiled), device="cpu")
+        losses, host = [], StandaloneHost.from_file(tiny_checkpoint_path, out_dir=tmp_path / str(compiled), device="cpu", dtype=dtype)
         torch._dynamo.reset()
         counters.clear()
         result = train(config.replace(torch_compile=compiled, dynamo_backend="aot_eager"), host,
