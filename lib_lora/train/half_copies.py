@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..networks.base import Factor
+from ..networks.lora import LoRAModule
 
 HALF = (torch.float16, torch.bfloat16)
 FAST_CROSS_DTYPE_COPY = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4)
@@ -37,8 +38,7 @@ def fused_factors(network: nn.Module) -> list[Factor]:
     3x3 LoCon, which build their delta from the fp32 weights)."""
     found = []
     for module in network.modules():
-        fused_on = getattr(module, "fused_on", None)
-        if fused_on is not None and module.host is not None and fused_on(module.host):
+        if isinstance(module, LoRAModule) and module.host is not None and module.fused_on(module.host):
             found += [f for f in (module.lora_down, module.lora_up) if f.weight.requires_grad]
     return found
 

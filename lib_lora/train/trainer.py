@@ -294,8 +294,6 @@ def _run(config, host, data: TrainingData, network, encoder: BatchEncoder, run: 
                     _epoch_hooks(config, host, network, data, run, saver, progress, save_state, emit)
         return _stop(config, network, run, saver, progress, save_state, emit, last_loss, interrupted=False)
     except OUT_OF_MEMORY as e:
-        if copies is not None:
-            copies.close()  # before the out-of-memory handler frees the cache
         progress.batch_in_epoch = _last_whole_step(progress.batch_in_epoch, config.gradient_accumulation_steps, len(batches))
         raise _out_of_memory(config, network, saver, progress, save_state, emit, e) from e
     finally:
